@@ -1,0 +1,44 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEMO_DIR ?= demo
+DEMO_CKPT := $(DEMO_DIR)/demo.safetensors
+
+.PHONY: install install-test test test-slow demo demo-checkpoint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch and torchvision go in one pip call: installed apart, pip may pair them wrongly.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install --quiet "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-slow: install-test
+	$(PY) -m pytest -q -m slow
+
+$(DEMO_CKPT): | $(VENV)/.installed
+	$(VENV)/bin/headswap demo-data $(DEMO_DIR)/data --task shapes
+	$(VENV)/bin/headswap finetune --arch resnet18 --data $(DEMO_DIR)/data --out $(DEMO_CKPT)
+
+demo-checkpoint: $(DEMO_CKPT)
+
+demo: install demo-checkpoint
+	$(VENV)/bin/headswap inspect $(DEMO_CKPT)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,43 @@
+"""The ``headswap`` command line: one parser, one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from service import model_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headswap", description="Fine-tune, inspect, merge and serve torchvision classifiers."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_commands.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a CLI verb. Errors print one line to stderr (no traceback unless --debug)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `headswap archs | head`: the reader left, nothing to report
+        return 0
+    except KeyboardInterrupt:
+        print("headswap: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, TypeError, KeyError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"headswap: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
