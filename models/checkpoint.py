@@ -212,10 +212,12 @@ def _read_torch(
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
-            raise UnsafeCheckpointError(where, first) from None
-        raise CheckpointError(where, f"not a readable checkpoint: {first}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line]
+        detail = lines[0] if lines else type(exc).__name__
+        if "Unsupported global" in detail:  # a GLOBAL opcode: the pickle names code to import
+            detail = detail.removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
+            raise UnsafeCheckpointError(where, detail) from None
+        raise CheckpointError(where, f"not a readable checkpoint: {detail}") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(where, f"not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "meta" in obj:

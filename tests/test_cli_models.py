@@ -1,0 +1,120 @@
+"""The first CLI verbs: archs, inspect, merge, slice, convert; errors are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import ARCHS, build_classifier, load_checkpoint, load_classifier, state_version
+from service.cli import main
+from tests.conftest import make_checkpoint
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_archs_json_lists_every_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "archs", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {r["arch"] for r in rows} == set(ARCHS)
+    by_arch = {r["arch"]: r for r in rows}
+    assert by_arch["resnet18"] == {"arch": "resnet18", "head": "fc", "input_size": 224, "num_parameters": 11689512}
+    assert by_arch["squeezenet1_1"]["head"] == "classifier.1"
+    assert by_arch["inception_v3"]["input_size"] == 299
+
+
+def test_inspect_json(capsys: pytest.CaptureFixture[str], resnet18_ckpt: Path) -> None:
+    code, out, _ = _run(capsys, "inspect", str(resnet18_ckpt), "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["version"] == load_checkpoint(resnet18_ckpt).version
+    assert info["num_parameters"] == 11689512 - 1000 * 513 + 7 * 513
+    assert info["dtypes"] == {"float32": 102, "int64": 20}
+    assert info["partial"] is False
+    assert {"arch", "num_classes", "class_names", "input_size", "mean", "std", "name", "created_at",
+            "parent_version", "training"} <= set(info["meta"])
+    assert info["meta"]["num_classes"] == 7
+
+
+def test_slice_head_then_merge_changes_exactly_the_head(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, resnet18_ckpt: Path
+) -> None:
+    make_checkpoint(tmp_path / "other.safetensors", seed=5)
+    code, out, _ = _run(capsys, "slice", str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "head.safetensors"), "--head")
+    assert code == 0 and "2 of 122 tensors" in out
+    head = load_checkpoint(tmp_path / "head.safetensors")
+    assert head.meta.partial and sorted(head.state) == ["fc.bias", "fc.weight"]
+    code, out, _ = _run(capsys, "merge", "--into", str(resnet18_ckpt), "--from", str(tmp_path / "head.safetensors"),
+                        "--out", str(tmp_path / "merged.safetensors"), "--min-match", "1", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["merged"] == ["fc.bias", "fc.weight"] and report["source_fraction"] == 1.0
+    base, merged = load_checkpoint(resnet18_ckpt), load_checkpoint(tmp_path / "merged.safetensors")
+    assert report["version"] == merged.version != base.version
+    assert merged.meta.parent_version == base.version
+    for key in base.state:
+        expected = head.state[key] if key.startswith("fc.") else base.state[key]
+        assert torch.equal(merged.state[key], expected), key
+
+
+def test_slice_include_exclude(capsys: pytest.CaptureFixture[str], tmp_path: Path, resnet18_ckpt: Path) -> None:
+    code, _, _ = _run(capsys, "slice", str(resnet18_ckpt), "--out", str(tmp_path / "l4.pt"),
+                      "--include", "layer4.*", "--exclude", "*.num_batches_tracked")
+    keys = set(load_checkpoint(tmp_path / "l4.pt").state)
+    assert code == 0 and keys and all(k.startswith("layer4.") and "num_batches" not in k for k in keys)
+
+
+def test_merge_below_min_match_fails_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, resnet18_ckpt: Path) -> None:
+    make_checkpoint(tmp_path / "sq.safetensors", arch="squeezenet1_1")
+    code, out, err = _run(capsys, "merge", "--into", str(resnet18_ckpt), "--from", str(tmp_path / "sq.safetensors"),
+                          "--out", str(tmp_path / "x.safetensors"), "--min-match", "0.5")
+    assert code == 1 and out == ""
+    assert err.startswith("headswap: error: merge takes 0.0% of the source tensors, below min_match 50.0%")
+    assert err.count("\n") == 1 and not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_bare_state_dict(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = build_classifier("resnet18", 4)
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c.safetensors"))
+    assert code == 1 and "--num-classes" in err
+    code, out, _ = _run(capsys, "convert", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c.safetensors"),
+                        "--arch", "resnet18", "--num-classes", "4")
+    assert code == 0 and load_checkpoint(tmp_path / "c.safetensors").version == state_version(model.state_dict())
+
+
+def test_convert_bare_state_dict_of_the_wrong_arch_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    torch.save(build_classifier("resnet34", 4).state_dict(), tmp_path / "bare.pth")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c.safetensors"),
+                        "--arch", "resnet18", "--num-classes", "4")
+    assert code == 1 and "state does not fit resnet18 with 4 classes" in err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_convert_pickled_model_needs_trust_pickle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = build_classifier("squeezenet1_1", 5).eval()
+    torch.save(model, tmp_path / "whole.pt")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "whole.pt"), "--out", str(tmp_path / "s.safetensors"))
+    assert code == 1 and "--trust-pickle" in err and "Traceback" not in err
+    code, _, _ = _run(capsys, "convert", str(tmp_path / "whole.pt"), "--out", str(tmp_path / "s.safetensors"),
+                      "--arch", "squeezenet1_1", "--trust-pickle")
+    assert code == 0
+    restored, meta = load_classifier(tmp_path / "s.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    assert meta.num_classes == 5 and torch.equal(restored(x), model(x))
+
+
+def test_console_script_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "headswap"
+    proc = subprocess.run([str(exe), "inspect", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("headswap: error:") and "cannot read" in proc.stderr and proc.stderr.count("\n") == 1
+    debug = subprocess.run([str(exe), "--debug", "inspect", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
