@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from service import model_commands
+from service import model_commands, serve_commands, train_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_commands.add_parsers(sub)
+    serve_commands.add_parsers(sub)
+    train_commands.add_parsers(sub)
     return parser
 
 

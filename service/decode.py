@@ -1,0 +1,96 @@
+"""Where a request's bytes become an image tensor: limits first, then a safe decoder.
+
+Limits are enforced before any pixel is decoded: body size, then the pixel count and aspect
+ratio declared in the header (decompression bombs get a 413 without allocating). JPEGs in
+RGB or grey decode with torchvision's libjpeg-turbo path (identical pixels to PIL's, faster);
+everything else decodes with PIL, which raises on corrupt data where torchvision's PNG
+decoder can crash the process on a bad zlib checksum.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from models.transforms import pil_to_rgb_tensor
+from service.errors import PayloadTooLarge, RequestError
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_ASPECT = 32
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> torch.Tensor:
+    """Encoded image bytes -> uint8 RGB ``(3, H, W)``.
+
+    Raises RequestError (400: empty, not an image, corrupt, extreme aspect ratio) or
+    PayloadTooLarge (413: over ``max_bytes`` or ``max_pixels``).
+    """
+    if not data:
+        raise RequestError("empty image: the request carried no bytes", reason="empty")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}", reason="too_large")
+    image = _open(data)
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"image declares {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}",
+            reason="too_many_pixels",
+        )
+    if width < 1 or height < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise RequestError(
+            f"image is {width}x{height}: an aspect ratio over {MAX_ASPECT}:1 is not a photo; crop it first",
+            reason="aspect_ratio",
+        )
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        return _decode_jpeg(data)
+    return _decode_pil(image)
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit
+            return Image.open(io.BytesIO(data), formats=FORMATS)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, Image.DecompressionBombError):
+            raise PayloadTooLarge(f"decompression bomb: {exc}", reason="too_many_pixels") from None
+        raise RequestError(
+            f"not a recognised image: expected one of {', '.join(FORMATS)} ({len(data)} bytes starting {data[:8]!r})",
+            reason="not_an_image",
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise RequestError(f"unreadable image header: {exc}", reason="corrupt") from None
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # libjpeg's "corrupt data" warnings mean a broken file
+            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
+            )
+    except (RuntimeError, UserWarning) as exc:
+        raise RequestError(f"corrupt JPEG: {str(exc).splitlines()[0][:200]}", reason="corrupt") from None
+
+
+def _decode_pil(image: Image.Image) -> torch.Tensor:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()  # first frame of an animation
+            return pil_to_rgb_tensor(image)
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise RequestError(f"corrupt {image.format} image: {str(exc)[:200]}", reason="corrupt") from None

@@ -1,0 +1,115 @@
+"""The API-server side of inference: preprocess off the event loop, queue, await the answer.
+
+Runs in each forked API-server process. Image decoding and resizing run in a thread pool
+(PIL and torch release the GIL), so they overlap with the workers' forward passes instead
+of running in series with them inside the worker. Items reach the workers through
+LitServe's request queue and come back through its response buffer; each one is awaited
+with a deadline, so no request waits past ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from litserve.server import ResponseBufferItem
+from starlette.requests import Request
+
+from models import CheckpointMeta
+from models.transforms import resize_crop
+from service.decode import DecodeLimits, decode_image
+from service.errors import GatewayTimeout, InternalError, NotReady, RequestError
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the HTTP side knows of a served slot."""
+
+    name: str
+    version: str
+    meta: CheckpointMeta
+
+
+@dataclass
+class Result:
+    """One image's answer as the worker sent it, plus the timings the HTTP side measured."""
+
+    probabilities: np.ndarray
+    top: list[tuple[str, int, float]]
+    version: str
+    slot: str
+    batch_size: int
+    queue_wait_s: float
+
+
+class Dispatcher:
+    def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int) -> None:
+        self.server = server
+        self.api_path = api_path
+        self.limits = limits
+        self.timeout_s = timeout_s
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # API servers are forked after this object is built; threads do not survive a fork.
+        if self._pool_pid != os.getpid():
+            torch.set_num_threads(1)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+            self._pool_pid = os.getpid()
+        assert self._pool is not None
+        return self._pool
+
+    async def preprocess(self, data: bytes, meta: CheckpointMeta) -> torch.Tensor:
+        """Encoded bytes -> uint8 (3, S, S) for ``meta``'s model. Raises RequestError (4xx)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor(), _decode_and_crop, data, self.limits, meta)
+
+    async def infer(self, request: Request, image: torch.Tensor, *, slot: str, top_k: int,
+                    normalized: bool = False) -> Result:
+        """Queue one image for ``slot`` and await its answer. Raises RequestError subclasses."""
+        array = image.contiguous().numpy()
+        payload = {"slot": slot, "data": array.tobytes(), "shape": list(array.shape),
+                   "dtype": "float32" if normalized else "uint8", "top_k": top_k}
+        uid = uuid.uuid4().hex
+        event = asyncio.Event()
+        self.server.response_buffer[uid] = ResponseBufferItem(event=event)
+        arrived = time.monotonic()
+        try:
+            self.server._get_request_queue(self.api_path).put((request.app.response_queue_id, uid, arrived, payload))
+            await asyncio.wait_for(event.wait(), self.timeout_s)
+            data, _status = self.server.response_buffer[uid].response
+        except (asyncio.TimeoutError, TimeoutError):
+            raise GatewayTimeout(f"no answer within {self.timeout_s:g} s", reason="timeout") from None
+        finally:
+            self.server.response_buffer.pop(uid, None)
+        return _result(data, arrived)
+
+
+def _decode_and_crop(data: bytes, limits: DecodeLimits, meta: CheckpointMeta) -> torch.Tensor:
+    return resize_crop(meta)(decode_image(data, limits)).contiguous()
+
+
+def _result(data: Any, arrived: float) -> Result:
+    if not isinstance(data, dict):
+        raise NotReady("the inference worker went away; retry", reason="worker_lost")
+    status = data.get("status")
+    if status != 200:
+        error = {504: GatewayTimeout, 500: InternalError}.get(status, RequestError)
+        raise error(data.get("error", "inference failed"), reason=data.get("reason", "inference"))
+    return Result(
+        probabilities=np.frombuffer(data["probabilities"], dtype=np.float32),
+        top=[tuple(t) for t in data["top"]],
+        version=data["version"],
+        slot=data["slot"],
+        batch_size=data["batch_size"],
+        queue_wait_s=max(0.0, data["started"] - arrived),
+    )

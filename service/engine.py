@@ -1,0 +1,164 @@
+"""Where a batch of image tensors becomes class probabilities, inside one inference worker.
+
+An ``Engine`` holds the worker's model slots (``stable``, and ``canary`` once rollouts use
+it), each a model already on the device, cast and in channels_last. ``run`` takes a batch
+whose items may name different slots: each slot's items go through its own weights, and an
+item that cannot run (say, pixels of the wrong size) fails alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import CheckpointMeta, classifier_from_state
+from models.transforms import normalize, resize_crop
+from service.errors import RequestError
+
+log = logging.getLogger(__name__)
+
+SLOTS = ("stable", "canary")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image for one slot: uint8 (3, H, W) from a decoded image, or normalised float pixels."""
+
+    slot: str
+    image: torch.Tensor
+    normalized: bool = False
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class Answer:
+    probabilities: np.ndarray  # float32 (num_classes,)
+    top: list[tuple[str, int, float]]
+    version: str
+    slot: str
+
+
+@dataclass
+class Loaded:
+    """A slot's content: the model as it runs, and what it is."""
+
+    model: nn.Module
+    meta: CheckpointMeta
+    version: str
+    checkpoint: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+class Engine:
+    """The models of one worker and the forward pass over mixed-slot batches."""
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        self.device = device
+        self.precision = precision
+        self.slots: dict[str, Loaded] = {}
+
+    def prepare(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, checkpoint: str) -> Loaded:
+        """Build a servable model from a state (not yet serving): device, layout, warm-up.
+
+        Raises IncompatibleCheckpointError if the state does not fit, ValueError if the
+        warm-up gives non-finite outputs or the wrong shape.
+        """
+        model = classifier_from_state(state, meta, where=checkpoint)
+        model = model.to(self.device, memory_format=torch.channels_last)
+        loaded = Loaded(model, meta, version, checkpoint)
+        self._warm_up(loaded)
+        return loaded
+
+    def install(self, slot: str, loaded: Loaded | None) -> None:
+        """Put ``loaded`` into ``slot`` (None empties it). Called between batches only."""
+        if loaded is None:
+            self.slots.pop(slot, None)
+        else:
+            self.slots[slot] = loaded
+
+    def run(self, items: list[Item]) -> list[Answer | RequestError]:
+        """Answer every item; an item that cannot run gets its own RequestError."""
+        answers: list[Answer | RequestError] = [RequestError("not run")] * len(items)
+        for slot in {item.slot for item in items}:
+            index = [i for i, item in enumerate(items) if item.slot == slot]
+            loaded = self.slots.get(slot) or self.slots.get("stable")
+            if loaded is None:
+                raise RuntimeError("no model loaded")
+            batch, ok = self._stack(loaded.meta, [items[i] for i in index])
+            for i, err in zip(index, ok):
+                if err is not None:
+                    answers[i] = err
+            good = [i for i, err in zip(index, ok) if err is None]
+            if good:
+                probs = self.forward(loaded, batch)
+                for row, i in enumerate(good):
+                    answers[i] = _answer(probs[row], loaded, items[i].top_k, slot if slot in self.slots else "stable")
+        return answers
+
+    def forward(self, loaded: Loaded, batch: torch.Tensor) -> np.ndarray:
+        """Normalised float batch (B, 3, S, S) -> softmax probabilities, float32 numpy (B, C)."""
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+            if self.precision != "fp32" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            logits = loaded.model(batch)
+        return logits.float().softmax(dim=-1).cpu().numpy()
+
+    def _stack(self, meta: CheckpointMeta, items: list[Item]) -> tuple[torch.Tensor, list[RequestError | None]]:
+        size = meta.input_size
+        tensors: list[torch.Tensor] = []
+        errors: list[RequestError | None] = []
+        norm = normalize(meta)
+        for item in items:
+            image = item.image
+            if not item.normalized:
+                if image.shape[-2:] != (size, size):  # preprocessed for another model before a swap
+                    image = resize_crop(meta)(image)
+                image = norm(image)
+            elif tuple(image.shape) != (3, size, size):
+                errors.append(RequestError(
+                    f"PIXELS must be [B,3,{size},{size}] for this model, found {list(image.shape)}", reason="shape"))
+                continue
+            tensors.append(image)
+            errors.append(None)
+        return (torch.stack(tensors) if tensors else torch.empty(0)), errors
+
+    def _warm_up(self, loaded: Loaded) -> None:
+        size = loaded.meta.input_size
+        started = time.perf_counter()
+        probs = self.forward(loaded, torch.zeros(2, 3, size, size))
+        if probs.shape != (2, loaded.meta.num_classes) or not np.isfinite(probs).all():
+            raise ValueError(
+                f"warm-up gave {'non-finite outputs' if probs.shape[-1:] == (loaded.meta.num_classes,) else 'shape ' + str(probs.shape)}"
+                f" (expected finite (2, {loaded.meta.num_classes}))"
+            )
+        log.debug("warm-up of %s took %.0f ms", loaded.version, (time.perf_counter() - started) * 1000)
+
+
+def _answer(probs: np.ndarray, loaded: Loaded, top_k: int, slot: str) -> Answer:
+    k = max(1, min(top_k, probs.shape[0]))
+    order = np.argsort(-probs, kind="stable")[:k]
+    top = [(loaded.meta.class_names[i], int(i), float(probs[i])) for i in order]
+    return Answer(probs.astype(np.float32), top, loaded.version, slot)

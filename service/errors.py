@@ -1,0 +1,56 @@
+"""Typed request errors and the one table that maps them to HTTP status codes."""
+
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """A client error. ``reason`` is a short machine label (a metrics label value)."""
+
+    status = 400
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+
+
+class NotFound(RequestError):
+    status = 404
+
+
+class Conflict(RequestError):
+    status = 409
+
+
+class Unprocessable(RequestError):
+    status = 422
+
+
+class Unauthorized(RequestError):
+    status = 401
+
+
+class NotReady(RequestError):
+    status = 503
+
+
+def status_of(exc: BaseException) -> int:
+    """HTTP status for an exception: its RequestError status, else 500."""
+    return exc.status if isinstance(exc, RequestError) else 500
+
+
+class GatewayTimeout(RequestError):
+    status = 504
+
+
+class InternalError(RequestError):
+    """A server fault reported to the client without internals (no traces, no paths)."""
+
+    status = 500

@@ -1,0 +1,95 @@
+"""Typed server settings, read in one place: command line first, then HEADSWAP_<OPTION>, then defaults.
+
+Each field becomes ``--field-name`` and ``HEADSWAP_FIELD_NAME``; ``main()`` builds one
+``Settings`` and passes it down. Nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint: str = _opt("", "checkpoint to serve (.safetensors or .pt)")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    model_name: str = _opt("", "model name in answers and V2 paths (default: the checkpoint's name)")
+    checkpoint_dir: str = _opt("", "checkpoint store for later loads (default: the checkpoint's folder)")
+    workers_per_device: int = _opt(1, "inference worker processes per device")
+    max_batch_size: int = _opt(16, "most images in one forward pass")
+    batch_timeout_ms: float = _opt(2.0, "how long a worker waits to fill a batch once it has one image")
+    device: str = _opt("auto", "where the model runs", DEVICES)
+    precision: str = _opt("auto", "inference precision (auto: bf16 on CUDA, fp32 on CPU)", PRECISIONS)
+    max_image_bytes: int = _opt(20 * 1024 * 1024, "largest accepted image (and request body), in bytes")
+    max_image_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)")
+    timeout_s: float = _opt(30.0, "longest a request may wait for its answer before a 504")
+    decode_threads: int = _opt(4, "image decode threads per API server process")
+    log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.workers_per_device < 1:
+            problems.append(f"workers_per_device must be >= 1, found {self.workers_per_device}")
+        if self.max_batch_size < 1:
+            problems.append(f"max_batch_size must be >= 1, found {self.max_batch_size}")
+        if self.batch_timeout_ms < 0 or self.timeout_s <= 0:
+            problems.append("batch_timeout_ms must be >= 0 and timeout_s > 0")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be within 0-65535, found {self.port}")
+        for name in ("device", "precision", "log_level"):
+            choices = _FIELDS[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)}, found {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def store(self) -> Path:
+        """The checkpoint store: ``checkpoint_dir``, else the served checkpoint's folder."""
+        return Path(self.checkpoint_dir or Path(self.checkpoint).parent).resolve()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per settings field; defaults are left unset so env vars can fill in."""
+    hints = get_type_hints(Settings)
+    for name, f in _FIELDS.items():
+        env = f"HEADSWAP_{name.upper()}"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=hints[name], default=None,
+            choices=f.metadata["choices"], help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
+        )
+
+
+def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Command line, then ``HEADSWAP_*`` environment, then field defaults. Raises ValueError."""
+    environ = os.environ if environ is None else environ
+    hints = get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = getattr(args, name, None)
+        env = environ.get(f"HEADSWAP_{name.upper()}")
+        if value is None and env is not None:
+            try:
+                value = hints[name](env)
+            except ValueError:
+                raise ValueError(f"HEADSWAP_{name.upper()}={env!r} is not a valid {hints[name].__name__}") from None
+        if value is not None:
+            values[name] = value
+    return Settings(**values)

@@ -1,0 +1,154 @@
+"""The inference worker: a thin LitAPI over ``Engine`` and the loop that owns its control points.
+
+LitServe's own batched loop fails a whole batch when one item raises and offers no place to
+act between batches. ``InferenceLoop`` replaces it: it collects a batch (draining what is
+queued, then waiting at most ``batch_timeout`` for more), gives every item its own answer,
+and calls ``ClassifierAPI.between_batches`` before each batch, the one place where a worker
+may change the weights it serves (hot swaps, canaries).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from queue import Empty
+from typing import Any
+
+import litserve as ls
+import numpy as np
+import torch
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+from models import load_checkpoint
+from service.engine import Answer, Engine, Item, resolve_device, resolve_precision
+from service.errors import RequestError
+
+log = logging.getLogger("headswap.worker")
+IDLE_POLL_S = 0.05  # how often an idle worker passes its control point
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    checkpoint: str
+    device: str
+    precision: str
+    threads: int
+    max_batch_size: int
+    batch_timeout_s: float
+    timeout_s: float
+
+
+class ClassifierAPI(ls.LitAPI):
+    """LitAPI hooks, each one call into ``Engine``; the logic lives where it can be unit-tested."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout_s,
+                         api_path="/predict", loop=InferenceLoop())
+        self.config = config
+        self.engine: Engine | None = None
+
+    def setup(self, device: str) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process orchestrates shutdown
+        torch.set_num_threads(self.config.threads)
+        torch_device = resolve_device(self.config.device)
+        self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device))
+        loaded = load_checkpoint(self.config.checkpoint)
+        self.engine.install("stable", self.engine.prepare(loaded.state, loaded.meta, loaded.version, self.config.checkpoint))
+        log.info("worker %s ready: device %s, precision %s, %d threads, model %s (%s)", os.getpid(),
+                 torch_device, self.engine.precision, self.config.threads, loaded.version, loaded.meta.arch)
+
+    def between_batches(self) -> None:
+        """Control point: runs in the worker before every batch and every idle poll."""
+
+    def decode_request(self, request: dict[str, Any]) -> Item:
+        shape = tuple(request["shape"])
+        dtype = np.float32 if request["dtype"] == "float32" else np.uint8
+        array = np.frombuffer(request["data"], dtype=dtype).reshape(shape)
+        return Item(request["slot"], torch.from_numpy(array.copy()), dtype == np.float32, request.get("top_k", 5))
+
+    def batch(self, inputs: list[Item]) -> list[Item]:
+        return inputs  # mixed-slot batches are grouped inside Engine.run
+
+    def predict(self, x: list[Item]) -> list[Answer | RequestError]:
+        assert self.engine is not None
+        return self.engine.run(x)
+
+    def unbatch(self, output: list[Answer | RequestError]) -> list[Answer | RequestError]:
+        return output
+
+    def encode_response(self, output: Answer | RequestError) -> dict[str, Any]:
+        if isinstance(output, RequestError):
+            return {"status": output.status, "error": str(output), "reason": output.reason}
+        return {"status": 200, "probabilities": output.probabilities.tobytes(), "top": output.top,
+                "version": output.version, "slot": output.slot}
+
+
+class InferenceLoop(BatchedLoop):
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
+        """Block briefly for a first request, drain the queue, then wait up to batch_timeout."""
+        try:
+            first = request_queue.get(timeout=IDLE_POLL_S)
+        except Empty:
+            return [], []
+        entries = [first]
+        deadline = time.monotonic() + lit_api.batch_timeout
+        while len(entries) < lit_api.max_batch_size:
+            try:
+                entries.append(request_queue.get_nowait())
+            except Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    entries.append(request_queue.get(timeout=remaining))
+                except Empty:
+                    break
+        if any(e == _SENTINEL_VALUE for e in entries):
+            raise _StopLoopError()
+        now, ready, late = time.monotonic(), [], []
+        for response_queue_id, uid, arrived, payload in entries:
+            target = late if now - arrived > lit_api.config.timeout_s else ready
+            target.append((response_queue_id, uid, payload) if target is ready else (response_queue_id, uid))
+        return ready, late
+
+    def run_batched_loop(self, lit_api: ClassifierAPI, request_queue: Any, transport: Any,  # type: ignore[override]
+                         callback_runner: Any, lit_spec: Any = None) -> None:
+        while True:
+            lit_api.between_batches()
+            try:
+                batch, late = self.get_batch_requests(lit_api, request_queue, transport)
+            except _StopLoopError:
+                return
+            for response_queue_id, uid in late:
+                self._send(transport, response_queue_id, uid, {"status": 504, "error": "request timed out in the queue", "reason": "timeout"})
+            if batch:
+                started = time.monotonic()
+                for (response_queue_id, uid, _), response in zip(batch, self._answer(lit_api, [p for _, _, p in batch])):
+                    response.update(batch_size=len(batch), started=started, finished=time.monotonic())
+                    self._send(transport, response_queue_id, uid, response)
+
+    @staticmethod
+    def _answer(lit_api: ClassifierAPI, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        items: list[Item | None] = []
+        for payload in payloads:
+            try:
+                items.append(lit_api.decode_request(payload))
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("malformed queue payload: %s", exc)
+                items.append(None)
+        runnable = [item for item in items if item is not None]
+        try:
+            answers = iter(lit_api.unbatch(lit_api.predict(lit_api.batch(runnable))) if runnable else [])
+        except Exception:  # a failing forward pass answers 500 for its batch; the worker lives on
+            log.exception("inference failed for a batch of %d", len(runnable))
+            return [{"status": 500, "error": "inference failed", "reason": "inference"} for _ in payloads]
+        return [lit_api.encode_response(next(answers)) if item is not None
+                else {"status": 500, "error": "malformed internal request", "reason": "internal"} for item in items]
+
+    def _send(self, transport: Any, response_queue_id: int, uid: str, response: dict[str, Any]) -> None:
+        self.put_response(transport, response_queue_id, uid, response, LitAPIStatus.OK, LoopResponseType.REGULAR)
