@@ -30,8 +30,29 @@ from service.worker import ClassifierAPI, WorkerConfig
 log = logging.getLogger("headswap")
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _ShutdownSignals:
+    """SIGTERM/SIGINT -> one KeyboardInterrupt in the main process, which LitServe turns into its
+    graceful shutdown. Repeats are ignored so a second signal cannot cut that shutdown short, and
+    forked children that inherit the handler (uvicorn re-raises the signal it caught once it has
+    drained) simply exit."""
+
+    def __init__(self) -> None:
+        self.main_pid = os.getpid()
+        self.received = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.main_pid:
+            raise SystemExit(0)
+        if self.received:
+            log.info("already shutting down (signal %d ignored; SIGKILL forces)", signum)
+            return
+        self.received = True
+        log.info("signal %d: finishing in-flight requests, then stopping", signum)
+        raise KeyboardInterrupt
 
 
 def metrics_dir() -> tuple[Path, bool]:
@@ -68,7 +89,7 @@ def serve(settings: Settings) -> int:
     config = WorkerConfig(
         checkpoint=str(Path(settings.checkpoint).resolve()), device=settings.device, precision=settings.precision,
         threads=max(1, (os.cpu_count() or 1) // workers), max_batch_size=settings.max_batch_size,
-        batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s,
+        batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s, log_level=settings.log_level,
     )
     accelerator = "cpu" if settings.device == "cpu" else ("cuda" if settings.device == "cuda" else "auto")
     server = ls.LitServer(ClassifierAPI(config), accelerator=accelerator, workers_per_device=workers,
@@ -76,13 +97,16 @@ def serve(settings: Settings) -> int:
     expected = workers * (server.devices if isinstance(server.devices, int) else 1)
 
     def is_ready() -> bool:
-        status = dict(getattr(server, "workers_setup_status", None) or {})
+        try:
+            status = dict(getattr(server, "workers_setup_status", None) or {})
+        except (OSError, EOFError):  # the queue manager is gone: shutting down
+            return False
         return len(status) >= expected and all(v == WorkerSetupStatus.READY for v in status.values())
 
     limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
     dispatcher = Dispatcher(server, "/predict", limits, settings.timeout_s, settings.decode_threads)
     Routes(dispatcher, model, is_ready, settings.max_image_bytes).install(server.app)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _ShutdownSignals().install()
     threading.Thread(target=_announce, args=(settings, model, is_ready), daemon=True).start()
     try:
         server.run(host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -41,6 +41,7 @@ class WorkerConfig:
     max_batch_size: int
     batch_timeout_s: float
     timeout_s: float
+    log_level: str = "info"
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -54,6 +55,7 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process orchestrates shutdown
+        logging.basicConfig(level=self.config.log_level.upper(), format="%(message)s")  # a spawned process
         torch.set_num_threads(self.config.threads)
         torch_device = resolve_device(self.config.device)
         self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device))

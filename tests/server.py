@@ -1,0 +1,113 @@
+"""Start a real ``headswap serve`` process on a free port and talk HTTP to it.
+
+In the manner of uvicorn's own test helpers: a free port from the OS, readiness by polling
+``/ready`` (no sleeps, no log scraping), and an end by pid with SIGTERM, checking that the
+server exited 0 and left no process of its session behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+HEADSWAP = str(Path(sys.executable).parent / "headswap")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of the session ``sid`` (the server and everything it started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_gone(sid: int, timeout: float = 10.0) -> list[str]:
+    """Wait for the session's processes to end; returns the command lines of any left."""
+    deadline = time.monotonic() + timeout
+    while (pids := session_pids(sid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") for pid in pids
+            if Path(f"/proc/{pid}/cmdline").exists()]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server at {url} not ready after {timeout} s")
+
+
+def stop(server: Server, timeout: float = 60.0) -> int:
+    """SIGTERM the server, wait for it, and return its exit code; kills leftovers."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    try:
+        code = server.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        raise
+    return code
+
+
+@contextmanager
+def run_server(checkpoint: Path, tmp: Path, *args: str, env: dict[str, str] | None = None,
+               ready: bool = True) -> Iterator[Server]:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [HEADSWAP, "serve", "--checkpoint", str(checkpoint), "--port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        if ready:
+            wait_ready(server.url, proc)
+        yield server
+    finally:
+        if proc.poll() is None:
+            stop(server)
+        leftovers = session_pids(proc.pid)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)

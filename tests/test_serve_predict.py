@@ -1,0 +1,177 @@
+"""A real server: /predict in all three forms, agreement with the offline model, batching,
+per-item failures, every error status, and a clean SIGTERM under load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from models import eval_transform, load_classifier
+from tests.images import encode, jpeg, photo
+from tests.server import Server, run_server, stop, wait_gone
+
+
+@pytest.fixture(scope="module")
+def server(resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("serve")
+    with run_server(resnet18_ckpt, tmp, "--workers-per-device", "2", "--max-batch-size", "8",
+                    "--batch-timeout-ms", "20", "--max-image-bytes", "2000000", "--max-image-pixels", "4000000") as srv:
+        yield srv
+
+
+def offline_probs(checkpoint: Path, data: bytes) -> np.ndarray:
+    model, meta = load_classifier(checkpoint)
+    with torch.inference_mode():
+        x = eval_transform(meta)(Image.open(io.BytesIO(data))).unsqueeze(0)
+        return model(x).softmax(-1)[0].numpy()
+
+
+def _scores(body: dict) -> dict[int, float]:
+    return {p["index"]: p["score"] for p in body["predictions"]}
+
+
+def test_three_input_forms_agree_with_the_offline_model(server: Server, resnet18_ckpt: Path) -> None:
+    data = jpeg(1)
+    expected = offline_probs(resnet18_ckpt, data)
+    raw = requests.post(f"{server.url}/predict?top_k=7", data=data, headers={"Content-Type": "image/jpeg"})
+    form = requests.post(f"{server.url}/predict", files={"file": ("x.jpg", data, "image/jpeg")}, data={"top_k": "7"})
+    js = requests.post(f"{server.url}/predict", json={"image": base64.b64encode(data).decode(), "top_k": 7})
+    for response in (raw, form, js):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [p["index"] for p in body["predictions"]] == list(np.argsort(-expected, kind="stable"))
+        for index, score in _scores(body).items():
+            assert score == pytest.approx(float(expected[index]), abs=1e-4)
+        assert body["predictions"][0]["label"] == f"class{body['predictions'][0]['index']}"
+        assert body["model"] == {"name": "resnet18-test", "version": response.headers["X-Model-Version"], "slot": "stable"}
+        assert response.headers["X-Model-Slot"] == "stable"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: encode(photo(2).convert("L"), "PNG"),
+    lambda: encode(photo(3).convert("RGBA"), "PNG"),
+    lambda: encode(photo(4).convert("P"), "GIF"),
+    lambda: encode(photo(5).convert("CMYK"), "JPEG"),
+    lambda: encode(photo(6), "WEBP", quality=80),
+    lambda: encode(Image.fromarray((np.asarray(photo(7).convert("L"), dtype=np.uint16) * 257)), "PNG"),
+], ids=["gray-png", "rgba-png", "palette-gif", "cmyk-jpeg", "webp", "16bit-png"])
+def test_unusual_modes_are_served_like_offline(server: Server, resnet18_ckpt: Path, make) -> None:
+    data = make()
+    expected = offline_probs(resnet18_ckpt, data)
+    response = requests.post(f"{server.url}/predict?top_k=3", data=data, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    for index, score in _scores(response.json()).items():
+        assert score == pytest.approx(float(expected[index]), abs=1e-4)
+
+
+def test_exif_rotation_is_applied(server: Server) -> None:
+    image = photo(8, (300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    rotated_tagged = encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    upright = encode(image.transpose(Image.Transpose.ROTATE_270), "JPEG", quality=95)
+    a = requests.post(f"{server.url}/predict?top_k=7", data=rotated_tagged, headers={"Content-Type": "image/jpeg"}).json()
+    b = requests.post(f"{server.url}/predict?top_k=7", data=upright, headers={"Content-Type": "image/jpeg"}).json()
+    assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+    for x, y in zip(a["predictions"], b["predictions"]):
+        assert x["score"] == pytest.approx(y["score"], abs=2e-2)  # re-encoding differs a little
+
+
+def test_top_k_default_and_cap(server: Server) -> None:
+    data = jpeg(9)
+    assert len(requests.post(f"{server.url}/predict", data=data, headers={"Content-Type": "image/jpeg"}).json()["predictions"]) == 5
+    assert len(requests.post(f"{server.url}/predict?top_k=100", data=data, headers={"Content-Type": "image/jpeg"}).json()["predictions"]) == 7
+
+
+def test_concurrent_requests_are_batched(server: Server) -> None:
+    data = jpeg(10)
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: requests.post(f"{server.url}/predict", data=data, headers={"Content-Type": "image/jpeg"}), range(48)))
+    assert all(r.status_code == 200 for r in responses)
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_one_bad_image_among_concurrent_good_ones_fails_alone(server: Server) -> None:
+    good, bad = jpeg(11), jpeg(11)[: len(jpeg(11)) // 3]
+    bodies = [bad if i == 7 else good for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda b: requests.post(f"{server.url}/predict", data=b, headers={"Content-Type": "image/jpeg"}), bodies))
+    assert [r.status_code for r in responses] == [400 if i == 7 else 200 for i in range(16)]
+    assert responses[7].json()["error"].startswith("corrupt JPEG")
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (b"not an image at all", {"Content-Type": "image/jpeg"}, 400, "not a recognised image"),
+    (b"", {"Content-Type": "image/png"}, 400, "empty image"),
+    (b'{"top_k": 3}', {"Content-Type": "application/json"}, 400, 'with an "image" field'),
+    (b'{"image": "***"}', {"Content-Type": "application/json"}, 400, "not valid base64"),
+    (b"{nope", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+    (b"hello", {"Content-Type": "text/plain"}, 415, "content type 'text/plain' is not accepted"),
+    (b"x" * 2_000_001, {"Content-Type": "image/jpeg"}, 413, "over the limit of 2000000"),
+])
+def test_error_statuses(server: Server, body: bytes, headers: dict, status: int, message: str) -> None:
+    response = requests.post(f"{server.url}/predict", data=body, headers=headers)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_bad_top_k_and_multipart_without_file(server: Server) -> None:
+    r = requests.post(f"{server.url}/predict?top_k=zero", data=jpeg(1), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 400 and r.json() == {"error": "top_k must be a positive integer, found 'zero'"}
+    r = requests.post(f"{server.url}/predict", files={"other": ("x.jpg", b"x")})
+    assert r.status_code == 400 and r.json() == {"error": "multipart body must have a file field named 'file'"}
+
+
+def test_decompression_bomb_is_413_without_decoding(server: Server) -> None:
+    bomb = encode(Image.new("L", (4000, 4000)), "PNG")  # 16 MP declared, a few KB on the wire
+    response = requests.post(f"{server.url}/predict", data=bomb, headers={"Content-Type": "image/png"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "image declares 4000x4000 = 16000000 pixels, over the limit of 4000000"
+
+
+def test_health_and_ready(server: Server) -> None:
+    assert requests.get(f"{server.url}/health").json() == {"status": "alive"}
+    ready = requests.get(f"{server.url}/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert requests.get(f"{server.url}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
+
+
+def test_sigterm_under_load_finishes_in_flight_and_leaves_no_process(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2") as srv:
+        data = jpeg(12)
+        results: list[int] = []
+        started = threading.Event()
+
+        def client() -> None:
+            session = requests.Session()
+            for _ in range(200):
+                try:
+                    r = session.post(f"{srv.url}/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=30)
+                    results.append(r.status_code)
+                    started.set()
+                except requests.ConnectionError:
+                    return  # the server stopped accepting: expected after SIGTERM
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        assert started.wait(60)
+        srv.proc.send_signal(signal.SIGTERM)
+        code = stop(srv)
+        for t in threads:
+            t.join(60)
+        assert code == 0, srv.output()[-3000:]
+        assert results and set(results) == {200}
+        assert wait_gone(srv.proc.pid) == []
