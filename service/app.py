@@ -31,14 +31,32 @@ def model_headers(result: Result) -> dict[str, str]:
     return {"X-Model-Version": result.version, "X-Model-Slot": result.slot, "X-Batch-Size": str(result.batch_size)}
 
 
-class Routes:
-    """The routes of one server; ``is_ready`` says whether every worker is loaded and warm."""
+class ServedContext:
+    """What the routes of one server share: the dispatcher, the served slots and readiness."""
 
-    def __init__(self, dispatcher: Dispatcher, model: ModelView, is_ready: Callable[[], bool], max_image_bytes: int) -> None:
+    def __init__(self, dispatcher: Dispatcher, model_name: str, views: Callable[[], dict[str, ModelView]],
+                 is_ready: Callable[[], bool], is_serving: Callable[[], bool], max_image_bytes: int) -> None:
         self.dispatcher = dispatcher
-        self.model = model
+        self.model_name = model_name
+        self.views = views
         self.is_ready = is_ready
+        self.is_serving = is_serving
         self.max_image_bytes = max_image_bytes
+
+    def route(self, request: Request) -> str:
+        """The slot that answers this request."""
+        return "stable"
+
+    def require_serving(self) -> None:
+        if not self.is_serving():
+            raise NotReady("not ready: no inference worker has the model loaded yet", reason="not_ready")
+
+
+class Routes:
+    """/predict, /health and /ready."""
+
+    def __init__(self, ctx: ServedContext) -> None:
+        self.ctx = ctx
 
     def install(self, app: FastAPI) -> None:
         """Replace LitServe's /predict and /health with ours and add /ready."""
@@ -49,23 +67,22 @@ class Routes:
         app.add_api_route("/ready", self.ready, methods=["GET"], summary="Readiness: every worker loaded and warm")
 
     async def predict(self, request: Request) -> Response:
-        self.require_ready()
-        parsed = await parse_predict(request, self.max_image_bytes)
-        image = await self.dispatcher.preprocess(parsed.image, self.model.meta)
-        result = await self.dispatcher.infer(request, image, slot="stable", top_k=parsed.top_k)
-        return JSONResponse(predict_body(result, self.model.name), headers=model_headers(result))
+        self.ctx.require_serving()
+        parsed = await parse_predict(request, self.ctx.max_image_bytes)
+        slot = self.ctx.route(request)
+        image = await self.ctx.dispatcher.preprocess(parsed.image, self.ctx.views()[slot].meta)
+        result = await self.ctx.dispatcher.infer(request, image, slot=slot, top_k=parsed.top_k)
+        return JSONResponse(predict_body(result, self.ctx.model_name), headers=model_headers(result))
 
     async def health(self) -> Response:
         return JSONResponse({"status": "alive"})
 
     async def ready(self) -> Response:
-        if self.is_ready():
-            return JSONResponse({"status": "ready", "model": self.model.name, "version": self.model.version})
+        if self.ctx.is_ready():
+            views = self.ctx.views()
+            return JSONResponse({"status": "ready", "model": self.ctx.model_name,
+                                 "versions": {slot: view.version for slot, view in views.items()}})
         return JSONResponse({"status": "not ready"}, status_code=503)
-
-    def require_ready(self) -> None:
-        if not self.is_ready():
-            raise NotReady("not ready: inference workers are still loading the model", reason="not_ready")
 
 
 def guarded(handler: Handler) -> Handler:

@@ -21,10 +21,11 @@ import litserve as ls
 from litserve.utils import WorkerSetupStatus
 
 from models import load_checkpoint
-from service.app import Routes
+from service.app import Routes, ServedContext
 from service.decode import DecodeLimits
 from service.dispatch import Dispatcher, ModelView
 from service.settings import Settings
+from service.v2_routes import V2Routes
 from service.worker import ClassifierAPI, WorkerConfig
 
 log = logging.getLogger("headswap")
@@ -96,16 +97,24 @@ def serve(settings: Settings) -> int:
                           timeout=False, restart_workers=True)
     expected = workers * (server.devices if isinstance(server.devices, int) else 1)
 
-    def is_ready() -> bool:
+    def worker_states() -> list[str]:
         try:
-            status = dict(getattr(server, "workers_setup_status", None) or {})
+            return list((getattr(server, "workers_setup_status", None) or {}).values())
         except (OSError, EOFError):  # the queue manager is gone: shutting down
-            return False
-        return len(status) >= expected and all(v == WorkerSetupStatus.READY for v in status.values())
+            return []
+
+    def is_ready() -> bool:
+        states = worker_states()
+        return len(states) >= expected and all(v == WorkerSetupStatus.READY for v in states)
+
+    def is_serving() -> bool:
+        return WorkerSetupStatus.READY in worker_states()
 
     limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
     dispatcher = Dispatcher(server, "/predict", limits, settings.timeout_s, settings.decode_threads)
-    Routes(dispatcher, model, is_ready, settings.max_image_bytes).install(server.app)
+    ctx = ServedContext(dispatcher, model.name, lambda: {"stable": model}, is_ready, is_serving, settings.max_image_bytes)
+    Routes(ctx).install(server.app)
+    V2Routes(ctx).install(server.app)
     _ShutdownSignals().install()
     threading.Thread(target=_announce, args=(settings, model, is_ready), daemon=True).start()
     try:

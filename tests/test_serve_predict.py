@@ -22,14 +22,6 @@ from tests.images import encode, jpeg, photo
 from tests.server import Server, run_server, stop, wait_gone
 
 
-@pytest.fixture(scope="module")
-def server(resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("serve")
-    with run_server(resnet18_ckpt, tmp, "--workers-per-device", "2", "--max-batch-size", "8",
-                    "--batch-timeout-ms", "20", "--max-image-bytes", "2000000", "--max-image-pixels", "4000000") as srv:
-        yield srv
-
-
 def offline_probs(checkpoint: Path, data: bytes) -> np.ndarray:
     model, meta = load_classifier(checkpoint)
     with torch.inference_mode():
