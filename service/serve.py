@@ -95,6 +95,7 @@ def serve(settings: Settings) -> int:
     accelerator = "cpu" if settings.device == "cpu" else ("cuda" if settings.device == "cuda" else "auto")
     server = ls.LitServer(ClassifierAPI(config), accelerator=accelerator, workers_per_device=workers,
                           timeout=False, restart_workers=True)
+    server.uvicorn_graceful_timeout = settings.drain_timeout_s
     expected = workers * (server.devices if isinstance(server.devices, int) else 1)
 
     def worker_states() -> list[str]:

@@ -39,6 +39,15 @@ class Settings:
     timeout_s: float = _opt(30.0, "longest a request may wait for its answer before a 504")
     decode_threads: int = _opt(4, "image decode threads per API server process")
     log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
+    admin_token_file: str = _opt("", "file holding the admin API bearer token (or set HEADSWAP_ADMIN_TOKEN); none: admin off")
+    admin_port: int = _opt(0, "serve /admin on this separate port only (0: on the main port)")
+    metrics_port: int = _opt(0, "also serve /metrics on this separate port (0: main port only)")
+    rollout_file: str = _opt("", "JSON/YAML rollout spec to converge to and watch (fleet source of truth)")
+    state_dir: str = _opt("", "folder for persisted slot choices and the audit log")
+    guard_window: int = _opt(200, "canary guard: judge the last N canary requests / shadow comparisons")
+    guard_max_error_rate: float = _opt(0.05, "canary guard: roll back above this canary error rate")
+    guard_min_agreement: float = _opt(0.0, "canary guard: roll back below this shadow top-1 agreement (0: off)")
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, longest wait for in-flight requests")
 
     def __post_init__(self) -> None:
         problems = []
