@@ -50,8 +50,10 @@ class Result:
 
 
 class Dispatcher:
-    def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int) -> None:
+    def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int,
+                 on_result: Any = None) -> None:
         self.server = server
+        self.on_result = on_result
         self.api_path = api_path
         self.limits = limits
         self.timeout_s = timeout_s
@@ -91,7 +93,10 @@ class Dispatcher:
             raise GatewayTimeout(f"no answer within {self.timeout_s:g} s", reason="timeout") from None
         finally:
             self.server.response_buffer.pop(uid, None)
-        return _result(data, arrived)
+        result = _result(data, arrived)
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
 
 
 def _decode_and_crop(data: bytes, limits: DecodeLimits, meta: CheckpointMeta) -> torch.Tensor:

@@ -76,6 +76,7 @@ class Engine:
         self.device = device
         self.precision = precision
         self.slots: dict[str, Loaded] = {}
+        self.timings: dict[str, float] = {}  # forward seconds per slot of the last run()
 
     def prepare(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, checkpoint: str) -> Loaded:
         """Build a servable model from a state (not yet serving): device, layout, warm-up.
@@ -99,7 +100,8 @@ class Engine:
     def run(self, items: list[Item]) -> list[Answer | RequestError]:
         """Answer every item; an item that cannot run gets its own RequestError."""
         answers: list[Answer | RequestError] = [RequestError("not run")] * len(items)
-        for slot in {item.slot for item in items}:
+        self.timings = {}
+        for slot in sorted({item.slot for item in items}):
             index = [i for i, item in enumerate(items) if item.slot == slot]
             loaded = self.slots.get(slot) or self.slots.get("stable")
             if loaded is None:
@@ -110,9 +112,12 @@ class Engine:
                     answers[i] = err
             good = [i for i, err in zip(index, ok) if err is None]
             if good:
+                served = slot if slot in self.slots else "stable"
+                started = time.perf_counter()
                 probs = self.forward(loaded, batch)
+                self.timings[served] = self.timings.get(served, 0.0) + time.perf_counter() - started
                 for row, i in enumerate(good):
-                    answers[i] = _answer(probs[row], loaded, items[i].top_k, slot if slot in self.slots else "stable")
+                    answers[i] = _answer(probs[row], loaded, items[i].top_k, served)
         return answers
 
     def forward(self, loaded: Loaded, batch: torch.Tensor) -> np.ndarray:

@@ -8,8 +8,9 @@ class RequestError(ValueError):
 
     status = 400
 
-    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+    def __init__(self, message: str, *, reason: str = "invalid", details: dict | None = None) -> None:
         self.reason = reason
+        self.details = details or {}
         super().__init__(message)
 
 

@@ -1,4 +1,4 @@
-"""``headswap serve``: assemble settings, workers, routes and LitServe; run until a signal.
+"""``headswap serve``: assemble settings, shared state, workers, routes and LitServe; run until a signal.
 
 SIGTERM (what Kubernetes sends) and SIGINT both start LitServe's graceful shutdown: API
 servers stop accepting and finish in-flight requests, then workers and the queue manager
@@ -14,17 +14,30 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import FrameType
 
 import litserve as ls
+from fastapi import FastAPI
+from fastapi.responses import Response
 from litserve.utils import WorkerSetupStatus
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from models import load_checkpoint
+from service.admin import AdminRoutes
 from service.app import Routes, ServedContext
+from service.audit import AuditLog
+from service.bootstrap import bootstrap, watch_rollout
+from service.controller import Controller
 from service.decode import DecodeLimits
-from service.dispatch import Dispatcher, ModelView
+from service.dispatch import Dispatcher
+from service.metrics import Metrics, exposition
+from service.rollout import RolloutFile
+from service.routing import CanaryGuard, GuardPolicy
 from service.settings import Settings
+from service.sidecar import SidecarServer
+from service.slots import SharedState
+from service.store import CheckpointStore
 from service.v2_routes import V2Routes
 from service.worker import ClassifierAPI, WorkerConfig
 
@@ -56,80 +69,134 @@ class _ShutdownSignals:
         raise KeyboardInterrupt
 
 
-def metrics_dir() -> tuple[Path, bool]:
-    """The Prometheus multiprocess folder: $PROMETHEUS_MULTIPROC_DIR, else a private fresh one.
-
-    Returns ``(path, owned)``; an owned folder is removed at exit. Two servers on one host
-    never share or wipe each other's files.
-    """
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if configured:
-        path = Path(configured)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):  # counts from a previous run of this server
-            stale.unlink()
-        return path, False
-    path = Path(tempfile.mkdtemp(prefix="headswap-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)  # inherited by every child process
-    return path, True
-
-
 def serve(settings: Settings) -> int:
-    """Serve ``settings.checkpoint`` until SIGTERM/SIGINT; returns the exit code."""
-    if not settings.checkpoint:
-        raise ValueError("no checkpoint to serve: pass --checkpoint or set HEADSWAP_CHECKPOINT")
+    """Serve until SIGTERM/SIGINT; returns the exit code. Raises ValueError for bad settings."""
+    if not settings.checkpoint and not settings.rollout_file:
+        raise ValueError("nothing to serve: pass --checkpoint (or --rollout-file), or set HEADSWAP_CHECKPOINT")
     if not 1024 <= settings.port <= 65535:
         raise ValueError(f"port must be within 1024-65535, found {settings.port}")
-    loaded = load_checkpoint(settings.checkpoint)
-    if loaded.meta.partial:
-        raise ValueError(f"{settings.checkpoint} is a partial checkpoint: merge it into a full one first")
-    model = ModelView(settings.model_name or loaded.meta.name or loaded.meta.arch, loaded.version, loaded.meta)
-    del loaded
-    multiproc, owned = metrics_dir()
+    runtime, owned = (Path(settings.state_dir), False) if settings.state_dir else (Path(tempfile.mkdtemp(prefix="headswap-state-")), True)
+    try:
+        return _serve(settings, runtime)
+    finally:
+        if owned:
+            shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _serve(settings: Settings, runtime: Path) -> int:
+    shared = SharedState(runtime)
+    store = CheckpointStore(settings.store)
+    metrics = Metrics()
+    rollout = RolloutFile(Path(settings.rollout_file)) if settings.rollout_file else None
     workers = settings.workers_per_device
+    controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
+                            rollout=rollout, events=metrics, swap_timeout_s=settings.swap_timeout_s)
+    state = bootstrap(settings, controller, shared, store, rollout)
+    model_name = settings.model_name or state.stable.meta.get("name") or state.stable.meta["arch"]
     config = WorkerConfig(
-        checkpoint=str(Path(settings.checkpoint).resolve()), device=settings.device, precision=settings.precision,
+        state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision,
         threads=max(1, (os.cpu_count() or 1) // workers), max_batch_size=settings.max_batch_size,
         batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s, log_level=settings.log_level,
     )
-    accelerator = "cpu" if settings.device == "cpu" else ("cuda" if settings.device == "cuda" else "auto")
+    accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config), accelerator=accelerator, workers_per_device=workers,
                           timeout=False, restart_workers=True)
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
-    expected = workers * (server.devices if isinstance(server.devices, int) else 1)
-
-    def worker_states() -> list[str]:
-        try:
-            return list((getattr(server, "workers_setup_status", None) or {}).values())
-        except (OSError, EOFError):  # the queue manager is gone: shutting down
-            return []
-
-    def is_ready() -> bool:
-        states = worker_states()
-        return len(states) >= expected and all(v == WorkerSetupStatus.READY for v in states)
-
-    def is_serving() -> bool:
-        return WorkerSetupStatus.READY in worker_states()
-
-    limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
-    dispatcher = Dispatcher(server, "/predict", limits, settings.timeout_s, settings.decode_threads)
-    ctx = ServedContext(dispatcher, model.name, lambda: {"stable": model}, is_ready, is_serving, settings.max_image_bytes)
+    controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
+    readiness = Readiness(server, expected)
+    dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
+                            settings.timeout_s, settings.decode_threads, on_result=lambda r: metrics.queue_wait.observe(r.queue_wait_s))
+    guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
+    ctx = ServedContext(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
+                        max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller)
     Routes(ctx).install(server.app)
     V2Routes(ctx).install(server.app)
+    main_pid = os.getpid()
+    metrics_route = _metrics_route(shared, main_pid)
+    server.app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics")
+    sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
     _ShutdownSignals().install()
-    threading.Thread(target=_announce, args=(settings, model, is_ready), daemon=True).start()
+    stop = threading.Event()
+    threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop), daemon=True)] if rollout else []
+    threading.Thread(target=_after_start, args=(settings, model_name, state.stable.version, readiness, sidecars, threads),
+                     daemon=True).start()
     try:
-        server.run(host=settings.host, port=settings.port, log_level=settings.log_level,
-                   generate_client_file=False)
+        server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False)
     finally:
-        if owned:
-            shutil.rmtree(multiproc, ignore_errors=True)
+        stop.set()
+        for sidecar in sidecars:
+            sidecar.stop()
     log.info("headswap stopped")
     return 0
 
 
-def _announce(settings: Settings, model: ModelView, is_ready: object) -> None:
-    while not is_ready():  # type: ignore[operator]
+class Readiness:
+    """Worker readiness from LitServe's setup status (works in the forked API servers too)."""
+
+    def __init__(self, server: ls.LitServer, expected: int) -> None:
+        self.server = server
+        self.expected = expected
+
+    def states(self) -> list[str]:
+        try:
+            return list((getattr(self.server, "workers_setup_status", None) or {}).values())
+        except (OSError, EOFError):  # the queue manager is gone: shutting down
+            return []
+
+    def ready(self) -> bool:
+        states = self.states()
+        return len(states) >= self.expected and all(v == WorkerSetupStatus.READY for v in states)
+
+    def serving(self) -> bool:
+        return WorkerSetupStatus.READY in self.states()
+
+
+def _metrics_route(shared: SharedState, main_pid: int):  # noqa: ANN202
+    async def metrics() -> Response:
+        return Response(exposition(shared, main_pid), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def _sidecars(settings: Settings, controller: Controller, shared: SharedState, model_name: str,
+              metrics_route: object, app: FastAPI) -> list[SidecarServer]:
+    """Admin on the main app or its own port; /metrics also on its own port if asked."""
+    sidecars = []
+    token = settings.admin_secret()
+    if token:
+        admin = AdminRoutes(token, controller, shared, model_name, {
+            "window": settings.guard_window, "max_error_rate": settings.guard_max_error_rate,
+            "min_agreement": settings.guard_min_agreement})
+        if settings.admin_port:
+            admin_app = FastAPI(title="headswap admin")
+            admin.install(admin_app)
+            sidecars.append(SidecarServer(admin_app, settings.host, settings.admin_port, "admin"))
+        else:
+            admin.install(app)
+    if settings.metrics_port:
+        metrics_app = FastAPI(title="headswap metrics", openapi_url=None)
+        metrics_app.add_api_route("/metrics", metrics_route, methods=["GET"])
+        sidecars.append(SidecarServer(metrics_app, settings.host, settings.metrics_port, "metrics"))
+    return sidecars
+
+
+def _after_start(settings: Settings, model_name: str, version: str, readiness: Readiness,
+                 sidecars: list[SidecarServer], threads: list[threading.Thread]) -> None:
+    """Once every worker is ready and the API servers answer (so no thread runs across their
+    fork), start the side servers and the rollout watcher, then log the URL."""
+    url = f"http://{settings.host}:{settings.port}"
+    while not readiness.ready() or not _answers(f"{url}/health"):
         time.sleep(0.1)
-    log.info("headswap serving %s (version %s, %s) at http://%s:%d", model.name, model.version,
-             model.meta.arch, settings.host, settings.port)
+    for sidecar in sidecars:
+        sidecar.start()
+    for thread in threads:
+        thread.start()
+    log.info("headswap serving %s (version %s) at %s", model_name, version, url)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -14,6 +14,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.serve import serve  # imports LitServe and FastAPI only when serving
+    import shutil
 
-    return serve(settings_module.from_sources(args))
+    from service.multiproc import metrics_dir
+
+    settings = settings_module.from_sources(args)
+    folder, owned = metrics_dir()  # before prometheus_client is imported
+    try:
+        from service.serve import serve  # imports LitServe, FastAPI and prometheus_client only when serving
+
+        return serve(settings)
+    finally:
+        if owned:
+            shutil.rmtree(folder, ignore_errors=True)

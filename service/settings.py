@@ -48,6 +48,17 @@ class Settings:
     guard_max_error_rate: float = _opt(0.05, "canary guard: roll back above this canary error rate")
     guard_min_agreement: float = _opt(0.0, "canary guard: roll back below this shadow top-1 agreement (0: off)")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, longest wait for in-flight requests")
+    swap_timeout_s: float = _opt(120.0, "longest wait for every worker to switch to new weights")
+    # Not an option: a token on the command line shows in `ps`. From HEADSWAP_ADMIN_TOKEN or the file.
+    admin_token: str = field(default="", repr=False, metadata={"cli": False})
+
+    def admin_secret(self) -> str:
+        """The admin token: HEADSWAP_ADMIN_TOKEN, else the first line of --admin-token-file, else ''."""
+        if self.admin_token:
+            return self.admin_token
+        if self.admin_token_file:
+            return Path(self.admin_token_file).read_text().strip()
+        return ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,7 +71,7 @@ class Settings:
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be within 0-65535, found {self.port}")
         for name in ("device", "precision", "log_level"):
-            choices = _FIELDS[name].metadata["choices"]
+            choices = _FIELDS[name].metadata.get("choices")
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, found {getattr(self, name)!r}")
         if problems:
@@ -79,10 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per settings field; defaults are left unset so env vars can fill in."""
     hints = get_type_hints(Settings)
     for name, f in _FIELDS.items():
+        if f.metadata.get("cli") is False:
+            continue
         env = f"HEADSWAP_{name.upper()}"
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=hints[name], default=None,
-            choices=f.metadata["choices"], help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
+            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
         )
 
 
@@ -92,7 +105,7 @@ def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     hints = get_type_hints(Settings)
     values: dict[str, Any] = {}
     for name in _FIELDS:
-        value = getattr(args, name, None)
+        value = getattr(args, name, None) if _FIELDS[name].metadata.get("cli") is not False else None
         env = environ.get(f"HEADSWAP_{name.upper()}")
         if value is None and env is not None:
             try:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from service.app import ServedContext, guarded, model_headers
+from service.app import ServedContext, guarded, instrumented, model_headers
 from service.errors import NotFound, PayloadTooLarge
 from service.predict_protocol import read_body
 from service.v2_protocol import encode_infer_response, model_metadata, parse_infer_request, server_metadata
@@ -38,7 +38,7 @@ class V2Routes:
         for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{model_version}"):
             app.add_api_route(base, guarded(self.metadata), summary="V2 model metadata", **get)
             app.add_api_route(f"{base}/ready", guarded(self.model_ready), summary="V2 model readiness", **get)
-            app.add_api_route(f"{base}/infer", guarded(self.infer), methods=["POST"], response_model=None,
+            app.add_api_route(f"{base}/infer", instrumented(self.infer, "v2_infer", self.ctx.metrics), methods=["POST"], response_model=None,
                               summary="V2 inference (IMAGE BYTES or PIXELS FP32 -> PROBABILITIES)",
                               openapi_extra=INFER_OPENAPI)
 
@@ -63,6 +63,7 @@ class V2Routes:
             return self.ctx.route(request)
         for slot in ("stable", "canary"):
             if slot in views and views[slot].version == pinned:
+                request.state.slot = slot
                 return slot
         raise NotFound(f"model {name!r} has no served version {pinned!r} (serving: "
                        f"{', '.join(v.version for v in views.values())})", reason="version")
@@ -98,7 +99,7 @@ class V2Routes:
             assert parsed.pixels is not None
             images, normalized = list(torch.from_numpy(parsed.pixels)), True
         k = max([o.classification for o in parsed.outputs] + [1])
-        results = await asyncio.gather(*(dispatcher.infer(request, image, slot=slot, top_k=k, normalized=normalized)
+        results = await asyncio.gather(*(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized)
                                          for image in images))
         served = results[0]
         body, headers = encode_infer_response(

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from queue import Empty
 from typing import Any
 
@@ -24,8 +25,10 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from models import load_checkpoint
 from service.engine import Answer, Engine, Item, resolve_device, resolve_precision
+from service.follower import SlotFollower
+from service.metrics import Metrics
+from service.slots import SharedState
 from service.errors import RequestError
 
 log = logging.getLogger("headswap.worker")
@@ -34,7 +37,7 @@ IDLE_POLL_S = 0.05  # how often an idle worker passes its control point
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    checkpoint: str
+    state_dir: str
     device: str
     precision: str
     threads: int
@@ -52,6 +55,8 @@ class ClassifierAPI(ls.LitAPI):
                          api_path="/predict", loop=InferenceLoop())
         self.config = config
         self.engine: Engine | None = None
+        self.follower: SlotFollower | None = None
+        self.metrics: Metrics | None = None
 
     def setup(self, device: str) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process orchestrates shutdown
@@ -59,13 +64,26 @@ class ClassifierAPI(ls.LitAPI):
         torch.set_num_threads(self.config.threads)
         torch_device = resolve_device(self.config.device)
         self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device))
-        loaded = load_checkpoint(self.config.checkpoint)
-        self.engine.install("stable", self.engine.prepare(loaded.state, loaded.meta, loaded.version, self.config.checkpoint))
-        log.info("worker %s ready: device %s, precision %s, %d threads, model %s (%s)", os.getpid(),
-                 torch_device, self.engine.precision, self.config.threads, loaded.version, loaded.meta.arch)
+        worker_id = os.environ.get("LITSERVE_WORKER_ID", str(os.getpid()))
+        self.follower = SlotFollower(self.engine, SharedState(Path(self.config.state_dir)), worker_id)
+        self.follower.catch_up()
+        self.metrics = Metrics()
+        stable = self.engine.slots["stable"]
+        log.info("worker %s (pid %d) ready: device %s, precision %s, %d threads, model %s (%s)", worker_id, os.getpid(),
+                 torch_device, self.engine.precision, self.config.threads, stable.version, stable.meta.arch)
 
     def between_batches(self) -> None:
         """Control point: runs in the worker before every batch and every idle poll."""
+        assert self.follower is not None
+        self.follower.poll()
+
+    def observe(self, batch_size: int) -> None:
+        """Per-batch metrics, counted once in the worker that ran the batch."""
+        if self.metrics is None or self.engine is None:
+            return
+        self.metrics.batch_size.observe(batch_size)
+        for slot, seconds in self.engine.timings.items():
+            self.metrics.inference.labels(slot).observe(seconds)
 
     def decode_request(self, request: dict[str, Any]) -> Item:
         shape = tuple(request["shape"])
@@ -130,9 +148,11 @@ class InferenceLoop(BatchedLoop):
                 self._send(transport, response_queue_id, uid, {"status": 504, "error": "request timed out in the queue", "reason": "timeout"})
             if batch:
                 started = time.monotonic()
-                for (response_queue_id, uid, _), response in zip(batch, self._answer(lit_api, [p for _, _, p in batch])):
+                responses = self._answer(lit_api, [p for _, _, p in batch])
+                for (response_queue_id, uid, _), response in zip(batch, responses):
                     response.update(batch_size=len(batch), started=started, finished=time.monotonic())
                     self._send(transport, response_queue_id, uid, response)
+                lit_api.observe(len(batch))
 
     @staticmethod
     def _answer(lit_api: ClassifierAPI, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:

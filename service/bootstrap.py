@@ -1,0 +1,104 @@
+"""What a server serves when it starts, and the rollout-file watcher.
+
+Precedence at start-up: an existing rollout file wins; else the state persisted in
+``--state-dir`` (a restarted pod comes back serving what it served); else ``--checkpoint``.
+A malformed or unservable spec is refused like a bad checkpoint: the server serves the
+fallback and reports the error in ``/admin/models`` and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from service.controller import Controller
+from service.errors import RequestError
+from service.rollout import RolloutFile, RolloutSpecError, spec_of
+from service.settings import Settings
+from service.slots import ServingState, SharedState
+from service.store import CheckpointStore
+
+log = logging.getLogger("headswap.rollout")
+POLL_S = 2.0
+
+
+def bootstrap(settings: Settings, controller: Controller, shared: SharedState, store: CheckpointStore,
+              rollout: RolloutFile | None) -> ServingState:
+    """Write the initial shared state (before any worker starts) and return it."""
+    shared.create_dirs()
+    for stale in shared.workers.glob("*.json"):
+        stale.unlink()
+    persisted = _persisted(shared)
+    spec, spec_error = None, None
+    if rollout is not None and rollout.path.exists():
+        try:
+            spec = rollout.read()
+        except RolloutSpecError as exc:
+            spec_error = str(exc)
+    if persisted is not None:
+        state = persisted.next(rollout_error=None)
+    elif spec is not None and not settings.checkpoint:
+        candidate = controller.materialize(spec.stable, spec.stable_merges)
+        state = ServingState(generation=1, stable=candidate.spec)
+    else:
+        state = ServingState(generation=1, stable=controller.materialize(_store_name(settings.checkpoint, store)).spec)
+    shared.write(state)
+    if spec is not None:
+        try:
+            controller.converge(spec, caller="startup")
+        except RequestError as exc:
+            spec_error = f"rollout spec not applied: {exc}"
+    if spec_error:
+        log.error("%s; serving %s", spec_error, shared.read().stable.version)
+        controller.record_rollout_error(spec_error)
+    elif rollout is not None and not rollout.path.exists() and rollout.writable():
+        rollout.write(spec_of(shared.read()))
+    controller.live = True
+    return shared.read()
+
+
+def _persisted(shared: SharedState) -> ServingState | None:
+    if not shared.exists():
+        return None
+    try:
+        state = shared.read()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable persisted state: %s", exc)
+        return None
+    if all(shared.blob(spec.version).is_file() for spec in state.slots().values()):
+        log.info("restoring persisted state: stable %s, canary %s", state.stable.version,
+                 state.canary.version if state.canary else None)
+        return state
+    log.warning("persisted state refers to missing weights; starting from --checkpoint")
+    return None
+
+
+def _store_name(checkpoint: str, store: CheckpointStore) -> str:
+    path = Path(checkpoint)
+    if not path.is_absolute() and not path.exists():
+        return checkpoint  # already a store-relative name
+    try:
+        return store.relative(path)
+    except ValueError:
+        raise ValueError(f"--checkpoint {checkpoint} is outside the checkpoint store {store.root}: "
+                         "put it there or point --checkpoint-dir at its folder") from None
+
+
+def watch_rollout(rollout: RolloutFile, controller: Controller, stop: threading.Event) -> None:
+    """Converge whenever the rollout file changes (mtime, size or inode), every few seconds."""
+    seen = rollout.stamp()
+    while not stop.wait(POLL_S):
+        stamp = rollout.stamp()
+        if stamp == seen or stamp is None:
+            continue
+        seen = stamp
+        try:
+            result = controller.converge(rollout.read())
+            if result is not None:
+                log.info("rollout file applied: %s", result["versions"])
+        except RequestError as exc:
+            log.error("rollout file refused, still serving the current models: %s", exc)
+            controller.record_rollout_error(str(exc))
+        except Exception:  # noqa: BLE001 - the watcher must outlive any one bad spec
+            log.exception("rollout file could not be applied")

@@ -1,0 +1,110 @@
+"""Prometheus metrics, exact across every process of a server.
+
+prometheus_client's multiprocess mode: each process (forked API servers, spawned workers,
+the main process) writes its own files under ``PROMETHEUS_MULTIPROC_DIR``; a scrape sums
+them. Counters of a worker that died stay counted (its files remain), so a restart neither
+loses nor double-counts. What describes the present rather than a history -- which version
+each slot serves, the canary weight, each process's memory -- is read from the shared state
+at scrape time instead of being stored in gauges that could go stale.
+
+Nothing is registered on the global registry: ``Metrics`` owns a private one (a namespace),
+and ``exposition`` builds a fresh registry per scrape.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.slots import SharedState
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 9))  # 1, 2, 4, ... 256
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = CollectorRegistry()
+        self.requests = Counter("headswap_requests_total", "Finished inference requests", ["endpoint", "status", "slot"], registry=r)
+        self.request_duration = Histogram("headswap_request_duration_seconds", "Arrival to response, errors included",
+                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("headswap_queue_wait_seconds", "Arrival to the start of the batch that served it",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("headswap_inference_duration_seconds", "Forward pass per batch", ["slot"],
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("headswap_batch_size", "Images per executed batch", buckets=BATCH_BUCKETS, registry=r)
+        self.inflight = Gauge("headswap_inflight_requests", "Accepted and not yet answered (autoscaling signal)",
+                              multiprocess_mode="livesum", registry=r)
+        self.swaps = Counter("headswap_swaps_total", "Hot-swaps by outcome", ["slot", "result"], registry=r)
+        self.swap_duration = Histogram("headswap_swap_duration_seconds", "Admin call to all workers switched",
+                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self.shadow_comparisons = Counter("headswap_shadow_comparisons_total", "Canary vs stable top-1 comparisons", registry=r)
+        self.shadow_agreements = Counter("headswap_shadow_agreements_total", "Canary and stable agreed on top-1", registry=r)
+        self.rollbacks = Counter("headswap_rollbacks_total", "Canary/stable rollbacks", ["reason"], registry=r)
+        self.input_errors = Counter("headswap_input_errors_total", "Rejected inputs by cause", ["reason"], registry=r)
+        self.rollout_errors = Counter("headswap_rollout_errors_total", "Rollout specs refused", registry=r)
+
+    # controller events (see Controller._emit)
+    def swap(self, slot: str, result: str, seconds: float | None = None) -> None:
+        self.swaps.labels(slot, result).inc()
+        if seconds is not None:
+            self.swap_duration.observe(seconds)
+
+    def rollback(self, reason: str) -> None:
+        self.rollbacks.labels(reason).inc()
+
+    def rollout_error(self) -> None:
+        self.rollout_errors.inc()
+
+    def state(self, state: object) -> None:
+        pass  # slot gauges are read from the shared state at scrape time
+
+
+class StateCollector(Collector):
+    """Scrape-time view of the shared state: model_info, canary weight, shadow share, memory."""
+
+    def __init__(self, shared: SharedState, main_pid: int) -> None:
+        self.shared = shared
+        self.main_pid = main_pid
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self.shared.read()
+        info = GaugeMetricFamily("headswap_model_info", "What each slot serves (=1)", labels=["slot", "version", "arch", "num_classes"])
+        for slot, spec in state.slots().items():
+            info.add_metric([slot, spec.version, str(spec.meta["arch"]), str(spec.meta["num_classes"])], 1)
+        yield info
+        yield GaugeMetricFamily("headswap_canary_weight", "Share of requests sent to the canary, percent",
+                                value=state.weight if state.canary else 0)
+        yield GaugeMetricFamily("headswap_shadow_percent", "Share of stable requests shadowed on the canary, percent",
+                                value=state.shadow if state.canary else 0)
+        yield GaugeMetricFamily("headswap_state_generation", "Generation of the served state", value=state.generation)
+        memory = GaugeMetricFamily("headswap_process_resident_memory_bytes", "Resident memory per process", labels=["role", "pid"])
+        pids = {"main": [self.main_pid], "api": [os.getpid()],
+                "worker": [ack.pid for ack in self.shared.acks().values()]}
+        for role, role_pids in pids.items():
+            for pid in role_pids:
+                rss = _rss(pid)
+                if rss is not None:
+                    memory.add_metric([role, str(pid)], rss)
+        yield memory
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def exposition(shared: SharedState, main_pid: int) -> bytes:
+    """The Prometheus text exposition: every process's files, plus the state collector."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(StateCollector(shared, main_pid))
+    return generate_latest(registry)

@@ -1,0 +1,150 @@
+"""The rollout spec: a declarative source of truth for a fleet (JSON or YAML).
+
+```yaml
+revision: "2026-12-01.1"
+stable: {checkpoint: demo-v2.safetensors, merge: [head-v2.safetensors]}   # merge: optional chain
+canary: {checkpoint: head-v3.safetensors, mode: merge, weight: 10, shadow: 5}   # optional
+```
+A canary in ``merge`` mode is the stable weights with the canary's tensors merged on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.errors import RequestError
+from service.slots import ServingState
+
+MODES = ("replace", "merge")
+
+
+class RolloutSpecError(RequestError):
+    """A malformed rollout spec; the server keeps serving what it serves."""
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    revision: str
+    stable: str
+    stable_merges: tuple[str, ...] = ()
+    canary: str | None = None
+    canary_mode: str = "replace"
+    weight: int = 0
+    shadow: int = 0
+    min_match: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"revision": self.revision, "stable": {"checkpoint": self.stable}}
+        if self.stable_merges:
+            doc["stable"]["merge"] = list(self.stable_merges)
+        if self.canary:
+            doc["canary"] = {"checkpoint": self.canary, "mode": self.canary_mode, "weight": self.weight, "shadow": self.shadow}
+            if self.min_match:
+                doc["canary"]["min_match"] = self.min_match
+        return doc
+
+
+def parse_spec(text: str, *, where: str = "rollout spec") -> RolloutSpec:
+    """Parse and validate a JSON or YAML spec; raises RolloutSpecError saying what is wrong."""
+    try:
+        doc = yaml.safe_load(text)  # JSON is YAML; safe_load builds plain data only
+    except yaml.YAMLError as exc:
+        raise RolloutSpecError(f"{where}: not valid YAML/JSON: {str(exc).splitlines()[0]}", reason="rollout") from None
+    if not isinstance(doc, dict):
+        raise RolloutSpecError(f"{where}: expected a mapping with 'stable', found {type(doc).__name__}", reason="rollout")
+    unknown = set(doc) - {"revision", "stable", "canary"}
+    if unknown:
+        raise RolloutSpecError(f"{where}: unknown keys {sorted(unknown)}", reason="rollout")
+    stable = _mapping(doc.get("stable"), "stable", where, {"checkpoint", "merge", "mode"})
+    if stable.get("mode", "replace") != "replace":
+        raise RolloutSpecError(f"{where}: stable.mode must be replace (express merges as stable.merge)", reason="rollout")
+    merges = stable.get("merge", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) and m for m in merges):
+        raise RolloutSpecError(f"{where}: stable.merge must be a list of checkpoint names", reason="rollout")
+    spec: dict[str, Any] = {"revision": str(doc.get("revision", "")), "stable": _name(stable, "stable", where),
+                            "stable_merges": tuple(merges)}
+    if doc.get("canary") is not None:
+        canary = _mapping(doc["canary"], "canary", where, {"checkpoint", "mode", "weight", "shadow", "min_match"})
+        spec.update(canary=_name(canary, "canary", where), canary_mode=canary.get("mode", "replace"),
+                    weight=canary.get("weight", 0), shadow=canary.get("shadow", 0), min_match=canary.get("min_match", 0.0))
+        if spec["canary_mode"] not in MODES:
+            raise RolloutSpecError(f"{where}: canary.mode must be replace or merge, found {spec['canary_mode']!r}", reason="rollout")
+        for key in ("weight", "shadow"):
+            if type(spec[key]) is not int or not 0 <= spec[key] <= 100:
+                raise RolloutSpecError(f"{where}: canary.{key} must be an integer 0-100, found {spec[key]!r}", reason="rollout")
+        if not isinstance(spec["min_match"], (int, float)) or not 0 <= spec["min_match"] <= 1:
+            raise RolloutSpecError(f"{where}: canary.min_match must be within [0, 1]", reason="rollout")
+    return RolloutSpec(**spec)
+
+
+def _mapping(value: Any, key: str, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RolloutSpecError(f"{where}: {key} must be a mapping with 'checkpoint'", reason="rollout")
+    if set(value) - allowed:
+        raise RolloutSpecError(f"{where}: {key} has unknown keys {sorted(set(value) - allowed)}", reason="rollout")
+    return value
+
+
+def _name(value: dict[str, Any], key: str, where: str) -> str:
+    name = value.get("checkpoint")
+    if not isinstance(name, str) or not name:
+        raise RolloutSpecError(f"{where}: {key}.checkpoint must be a checkpoint name in the store", reason="rollout")
+    return name
+
+
+def spec_of(state: ServingState) -> RolloutSpec:
+    """The spec that describes ``state`` (what admin calls write back to a writable rollout file)."""
+    spec: dict[str, Any] = {"revision": state.revision or f"generation-{state.generation}",
+                            "stable": state.stable.checkpoint, "stable_merges": state.stable.merges}
+    canary = state.canary
+    if canary is not None:
+        based_on_stable = canary.checkpoint == state.stable.checkpoint and canary.merges[:-1] == state.stable.merges
+        if based_on_stable and canary.merges:
+            spec.update(canary=canary.merges[-1], canary_mode="merge")
+        else:
+            spec.update(canary=canary.checkpoint, canary_mode="replace", stable_merges=state.stable.merges)
+        spec.update(weight=state.weight, shadow=state.shadow)
+    return RolloutSpec(**spec)
+
+
+class RolloutFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> RolloutSpec:
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RolloutSpecError(f"rollout file unreadable: {type(exc).__name__}", reason="rollout") from None
+        return parse_spec(text, where=f"rollout file {self.path.name}")
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def writable(self) -> bool:
+        folder = self.path.parent
+        return os.access(folder, os.W_OK) and (not self.path.exists() or os.access(self.path, os.W_OK))
+
+    def write(self, spec: RolloutSpec) -> None:
+        """Atomically replace the file (same suffix, JSON for .json else YAML)."""
+        text = (json.dumps(spec.to_dict(), indent=2) + "\n" if self.path.suffix == ".json"
+                else yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,167 @@
+"""What each slot serves, shared by every process of one server.
+
+``SharedState`` is the one object through which the main process, the forked API servers and
+the spawned inference workers agree on what is served: a folder holding ``state.json`` (the
+desired slots, canary weight and shadow share, written atomically under a file lock by the
+controller), ``blobs/<version>.safetensors`` (the exact weights of every served version,
+merges included, so a restarted worker reloads the same tensors) and ``workers/<id>.json``
+(each worker's acknowledgement of the generation it applied). Reads are cached by the file's
+mtime and size, so checking for a change costs one ``stat``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from models import CheckpointMeta
+
+SLOT_NAMES = ("stable", "canary")
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One slot's content: where it came from and the exact weights it serves."""
+
+    checkpoint: str                      # store-relative name of the base checkpoint
+    merges: tuple[str, ...] = ()         # store-relative partial checkpoints merged on top, in order
+    version: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    loaded_at: str = ""
+    merge_report: dict[str, Any] | None = None
+
+    @property
+    def checkpoint_meta(self) -> CheckpointMeta:
+        return CheckpointMeta.from_dict(self.meta)
+
+    def public(self) -> dict[str, Any]:
+        """The slot as GET /admin/models shows it."""
+        return {
+            "checkpoint": self.checkpoint, "merges": list(self.merges), "version": self.version,
+            "arch": self.meta.get("arch"), "num_classes": self.meta.get("num_classes"),
+            "class_names": self.meta.get("class_names"), "loaded_at": self.loaded_at,
+            "merge_report": self.merge_report,
+        }
+
+
+@dataclass(frozen=True)
+class ServingState:
+    generation: int
+    stable: SlotSpec
+    canary: SlotSpec | None = None
+    weight: int = 0
+    shadow: int = 0
+    previous_stable: SlotSpec | None = None
+    revision: str | None = None
+    rollout_error: str | None = None
+
+    def slots(self) -> dict[str, SlotSpec]:
+        return {"stable": self.stable, **({"canary": self.canary} if self.canary else {})}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingState:
+        def slot(value: Any) -> SlotSpec | None:
+            return None if value is None else SlotSpec(**{**value, "merges": tuple(value.get("merges", ()))})
+
+        stable = slot(data["stable"])
+        assert stable is not None
+        return cls(**{**data, "stable": stable, "canary": slot(data.get("canary")),
+                      "previous_stable": slot(data.get("previous_stable"))})
+
+    def next(self, **changes: Any) -> ServingState:
+        return replace(self, generation=self.generation + 1, **changes)
+
+
+@dataclass(frozen=True)
+class WorkerAck:
+    worker: str
+    pid: int
+    generation: int
+    versions: dict[str, str]
+    error: str | None = None
+
+
+class SharedState:
+    """The shared serving state of one server (see module docstring); safe across processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.workers = root / "workers"
+        self._cache: tuple[tuple[int, int, int], ServingState] | None = None
+
+    def create_dirs(self) -> None:
+        for path in (self.root, self.blobs, self.workers):
+            path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def path(self) -> Path:
+        return self.root / "state.json"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> ServingState:
+        """The current state; re-parsed only when the file changed."""
+        st = os.stat(self.path)
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, ServingState.from_dict(json.loads(self.path.read_text())))
+        return self._cache[1]
+
+    def write(self, state: ServingState) -> None:
+        _atomic_write(self.path, state.to_json())
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise state changes across processes (admin calls, rollout watcher, guard)."""
+        with open(self.root / "lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def blob(self, version: str) -> Path:
+        return self.blobs / f"{version}.safetensors"
+
+    def ack(self, ack: WorkerAck) -> None:
+        _atomic_write(self.workers / f"{ack.worker}.json", json.dumps(asdict(ack)))
+
+    def acks(self) -> dict[str, WorkerAck]:
+        found = {}
+        for path in self.workers.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                found[path.stem] = WorkerAck(**json.loads(path.read_text()))
+        return found
+
+    def wait_for(self, generation: int, workers: int, timeout: float) -> dict[str, WorkerAck]:
+        """Wait until ``workers`` workers acknowledged ``generation`` (or any reported an error)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            acks = {w: a for w, a in self.acks().items() if a.generation >= generation}
+            if len(acks) >= workers or any(a.error for a in acks.values()) or time.monotonic() > deadline:
+                return acks
+            time.sleep(0.02)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
