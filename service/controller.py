@@ -88,7 +88,8 @@ class Controller:
         except IncompatibleCheckpointError as exc:
             raise Unprocessable(str(exc), reason="merge", details={"report": exc.report.to_dict()}) from None
         except CheckpointError as exc:
-            raise Unprocessable(f"checkpoint {Path(exc.path).name!r}: {exc.reason}", reason="unreadable") from None
+            name = Path(exc.path).name  # never show the server's paths: name files as the store does
+            raise Unprocessable(f"checkpoint {name!r}: {exc.reason.replace(exc.path, name)}", reason="unreadable") from None
         version = state_version(state)
         self._validate_weights(state, meta, version)
         blob = self.shared.blob(version)
