@@ -24,14 +24,18 @@ POLL_S = 2.0
 
 
 def bootstrap(settings: Settings, controller: Controller, shared: SharedState, store: CheckpointStore,
-              rollout: RolloutFile | None) -> ServingState:
-    """Write the initial shared state (before any worker starts) and return it."""
+              rollout: RolloutFile | None) -> tuple[ServingState, tuple[int, int, int] | None]:
+    """Write the initial shared state (before any worker starts).
+
+    Returns the state and the rollout file's stamp as read, for ``watch_rollout`` to start from.
+    """
     shared.create_dirs()
     for stale in shared.workers.glob("*.json"):
         stale.unlink()
     persisted = _persisted(shared)
-    spec, spec_error = None, None
+    spec, spec_error, stamp = None, None, None
     if rollout is not None and rollout.path.exists():
+        stamp = rollout.stamp()
         try:
             spec = rollout.read()
         except RolloutSpecError as exc:
@@ -54,8 +58,9 @@ def bootstrap(settings: Settings, controller: Controller, shared: SharedState, s
         controller.record_rollout_error(spec_error)
     elif rollout is not None and not rollout.path.exists() and rollout.writable():
         rollout.write(spec_of(shared.read()))
+        stamp = rollout.stamp()
     controller.live = True
-    return shared.read()
+    return shared.read(), stamp
 
 
 def _persisted(shared: SharedState) -> ServingState | None:
@@ -85,9 +90,9 @@ def _store_name(checkpoint: str, store: CheckpointStore) -> str:
                          "put it there or point --checkpoint-dir at its folder") from None
 
 
-def watch_rollout(rollout: RolloutFile, controller: Controller, stop: threading.Event) -> None:
-    """Converge whenever the rollout file changes (mtime, size or inode), every few seconds."""
-    seen = rollout.stamp()
+def watch_rollout(rollout: RolloutFile, controller: Controller, stop: threading.Event,
+                  seen: tuple[int, int, int] | None) -> None:
+    """Converge whenever the rollout file changes (mtime, size or inode) from ``seen``, every few seconds."""
     while not stop.wait(POLL_S):
         stamp = rollout.stamp()
         if stamp == seen or stamp is None:

@@ -91,7 +91,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     workers = settings.workers_per_device
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
                             rollout=rollout, events=metrics, swap_timeout_s=settings.swap_timeout_s)
-    state = bootstrap(settings, controller, shared, store, rollout)
+    state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
     model_name = settings.model_name or state.stable.meta.get("name") or state.stable.meta["arch"]
     config = WorkerConfig(
         state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision,
@@ -117,7 +117,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
-    threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop), daemon=True)] if rollout else []
+    threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop, rollout_stamp), daemon=True)] if rollout else []
     threading.Thread(target=_after_start, args=(settings, model_name, state.stable.version, readiness, sidecars, threads),
                      daemon=True).start()
     try:
