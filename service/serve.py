@@ -103,7 +103,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
                           timeout=False, restart_workers=True)
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
-    readiness = Readiness(server, expected)
+    readiness = Readiness(server, expected, shared)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                             settings.timeout_s, settings.decode_threads, on_result=lambda r: metrics.queue_wait.observe(r.queue_wait_s))
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
@@ -131,11 +131,14 @@ def _serve(settings: Settings, runtime: Path) -> int:
 
 
 class Readiness:
-    """Worker readiness from LitServe's setup status (works in the forked API servers too)."""
+    """Worker readiness: LitServe's setup status, and every worker that acknowledged the shared
+    state still alive (a killed worker stays READY in LitServe's eyes until its monitor notices).
+    Works in the forked API servers too."""
 
-    def __init__(self, server: ls.LitServer, expected: int) -> None:
+    def __init__(self, server: ls.LitServer, expected: int, shared: SharedState) -> None:
         self.server = server
         self.expected = expected
+        self.shared = shared
 
     def states(self) -> list[str]:
         try:
@@ -143,12 +146,24 @@ class Readiness:
         except (OSError, EOFError):  # the queue manager is gone: shutting down
             return []
 
+    def alive(self) -> list[bool]:
+        return [_pid_alive(ack.pid) for ack in self.shared.acks().values()]
+
     def ready(self) -> bool:
         states = self.states()
-        return len(states) >= self.expected and all(v == WorkerSetupStatus.READY for v in states)
+        return len(states) >= self.expected and all(v == WorkerSetupStatus.READY for v in states) and all(self.alive())
 
     def serving(self) -> bool:
-        return WorkerSetupStatus.READY in self.states()
+        return WorkerSetupStatus.READY in self.states() and any(self.alive())
+
+
+def _pid_alive(pid: int) -> bool:
+    """True for a running process; False for a gone or zombie one (killed, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _metrics_route(shared: SharedState, main_pid: int):  # noqa: ANN202
