@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_DIR ?= demo
 DEMO_CKPT := $(DEMO_DIR)/demo.safetensors
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: install install-test test test-slow demo demo-checkpoint clean
+.PHONY: install install-test test test-slow demo demo-checkpoint bench bench-quick soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,16 @@ demo-checkpoint: $(DEMO_CKPT)
 
 demo: install demo-checkpoint
 	$(VENV)/bin/headswap inspect $(DEMO_CKPT)
+	$(VENV)/bin/headswap serve --checkpoint $(DEMO_CKPT) --host $(HOST) --port $(PORT)
+
+bench: install-test
+	$(PY) -m bench.run
+
+bench-quick: install-test
+	$(PY) -m bench.run --quick
+
+soak: install-test
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
