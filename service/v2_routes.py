@@ -16,7 +16,9 @@ from service.errors import NotFound, PayloadTooLarge
 from service.predict_protocol import read_body
 from service.v2_protocol import encode_infer_response, model_metadata, parse_infer_request, server_metadata
 
-MAX_BATCH = 64
+MAX_BATCH = 64                         # images in one V2 request
+MAX_ELEMENTS = MAX_BATCH * 3 * 512 * 512  # PIXELS numbers in one V2 request
+V2_BODY_FACTOR = 4                     # a V2 body may hold several images: 4x --max-image-bytes
 
 
 def _server_version() -> str:
@@ -84,9 +86,8 @@ class V2Routes:
         slot = self._slot_for(request)
         self.ctx.require_serving()
         view = self.ctx.views()[slot]
-        limit = self.ctx.max_image_bytes * MAX_BATCH
-        body = await read_body(request, limit)
-        parsed = parse_infer_request(body, request.headers, max_elements=limit // 4, max_batch=MAX_BATCH)
+        body = await read_body(request, self.ctx.max_image_bytes * V2_BODY_FACTOR)
+        parsed = parse_infer_request(body, request.headers, max_elements=MAX_ELEMENTS, max_batch=MAX_BATCH)
         dispatcher = self.ctx.dispatcher
         if parsed.images is not None:
             for data in parsed.images:
@@ -105,10 +106,18 @@ class V2Routes:
         body, headers = encode_infer_response(
             model_name=self.ctx.model_name, model_version=served.version, request=parsed,
             probabilities=np.stack([r.probabilities for r in results]),
-            class_names=self.ctx.views()[slot].meta.class_names if slot in self.ctx.views() else [],
+            class_names=self._labels(served.version),
             parameters={"slot": served.slot, "version": served.version, "batch_size": max(r.batch_size for r in results)},
         )
         return Response(body, headers={**headers, **model_headers(served)})
+
+
+    def _labels(self, version: str) -> list[str]:
+        """Class names of the version that answered (the canary may have other classes)."""
+        for view in self.ctx.views().values():
+            if view.version == version:
+                return view.meta.class_names
+        return []
 
 
 INFER_OPENAPI = {
