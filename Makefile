@@ -28,6 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 test: install-test
+	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install-test-tools.sh
 	$(PY) -m pytest -q
 
 test-slow: install-test

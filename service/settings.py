@@ -55,7 +55,7 @@ class Settings:
     def admin_secret(self) -> str:
         """The admin token: HEADSWAP_ADMIN_TOKEN, else the first line of --admin-token-file, else ''."""
         if self.admin_token:
-            return self.admin_token
+            return self.admin_token.strip()  # a Secret written with a trailing newline
         if self.admin_token_file:
             return Path(self.admin_token_file).read_text().strip()
         return ""
