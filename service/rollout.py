@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 
 from service.errors import RequestError
-from service.slots import ServingState
+from service.slots import ServingState, atomic_write
 
 MODES = ("replace", "merge")
 
@@ -140,11 +139,4 @@ class RolloutFile:
         """Atomically replace the file (same suffix, JSON for .json else YAML)."""
         text = (json.dumps(spec.to_dict(), indent=2) + "\n" if self.path.suffix == ".json"
                 else yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, text)

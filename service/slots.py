@@ -121,7 +121,7 @@ class SharedState:
         return self._cache[1]
 
     def write(self, state: ServingState) -> None:
-        _atomic_write(self.path, state.to_json())
+        atomic_write(self.path, state.to_json())
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -137,7 +137,7 @@ class SharedState:
         return self.blobs / f"{version}.safetensors"
 
     def ack(self, ack: WorkerAck) -> None:
-        _atomic_write(self.workers / f"{ack.worker}.json", json.dumps(asdict(ack)))
+        atomic_write(self.workers / f"{ack.worker}.json", json.dumps(asdict(ack)))
 
     def acks(self) -> dict[str, WorkerAck]:
         found = {}
@@ -156,7 +156,8 @@ class SharedState:
             time.sleep(0.02)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
