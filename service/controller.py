@@ -200,7 +200,7 @@ class Controller:
             canary = None
             if spec.canary:
                 sources = ((stable.checkpoint, stable.merges + (spec.canary,)) if spec.canary_mode == "merge"
-                           else (spec.canary, ()))
+                           else (spec.canary, spec.canary_merges))
                 canary = current.canary
                 if canary is None or (canary.checkpoint, canary.merges) != sources:
                     canary = self._timed_materialize("canary", *sources, spec.min_match).spec

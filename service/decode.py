@@ -62,6 +62,7 @@ def _open(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit
+            warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)  # orientation unknown: as stored
             return Image.open(io.BytesIO(data), formats=FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
@@ -90,6 +91,7 @@ def _decode_pil(image: Image.Image) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
             image.load()  # first frame of an animation
             return pil_to_rgb_tensor(image)
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:

@@ -35,6 +35,7 @@ class RolloutSpec:
     stable_merges: tuple[str, ...] = ()
     canary: str | None = None
     canary_mode: str = "replace"
+    canary_merges: tuple[str, ...] = ()  # replace mode only: partial checkpoints merged onto ``canary``
     weight: int = 0
     shadow: int = 0
     min_match: float = 0.0
@@ -45,6 +46,8 @@ class RolloutSpec:
             doc["stable"]["merge"] = list(self.stable_merges)
         if self.canary:
             doc["canary"] = {"checkpoint": self.canary, "mode": self.canary_mode, "weight": self.weight, "shadow": self.shadow}
+            if self.canary_merges:
+                doc["canary"]["merge"] = list(self.canary_merges)
             if self.min_match:
                 doc["canary"]["min_match"] = self.min_match
         return doc
@@ -60,7 +63,7 @@ def parse_spec(text: str, *, where: str = "rollout spec") -> RolloutSpec:
         raise RolloutSpecError(f"{where}: expected a mapping with 'stable', found {type(doc).__name__}", reason="rollout")
     unknown = set(doc) - {"revision", "stable", "canary"}
     if unknown:
-        raise RolloutSpecError(f"{where}: unknown keys {sorted(unknown)}", reason="rollout")
+        raise RolloutSpecError(f"{where}: unknown keys {sorted(unknown, key=str)}", reason="rollout")
     stable = _mapping(doc.get("stable"), "stable", where, {"checkpoint", "merge", "mode"})
     if stable.get("mode", "replace") != "replace":
         raise RolloutSpecError(f"{where}: stable.mode must be replace (express merges as stable.merge)", reason="rollout")
@@ -70,15 +73,23 @@ def parse_spec(text: str, *, where: str = "rollout spec") -> RolloutSpec:
     spec: dict[str, Any] = {"revision": str(doc.get("revision", "")), "stable": _name(stable, "stable", where),
                             "stable_merges": tuple(merges)}
     if doc.get("canary") is not None:
-        canary = _mapping(doc["canary"], "canary", where, {"checkpoint", "mode", "weight", "shadow", "min_match"})
+        canary = _mapping(doc["canary"], "canary", where, {"checkpoint", "mode", "weight", "shadow", "min_match", "merge"})
         spec.update(canary=_name(canary, "canary", where), canary_mode=canary.get("mode", "replace"),
                     weight=canary.get("weight", 0), shadow=canary.get("shadow", 0), min_match=canary.get("min_match", 0.0))
         if spec["canary_mode"] not in MODES:
             raise RolloutSpecError(f"{where}: canary.mode must be replace or merge, found {spec['canary_mode']!r}", reason="rollout")
+        canary_merges = canary.get("merge", [])
+        if not isinstance(canary_merges, list) or not all(isinstance(m, str) and m for m in canary_merges):
+            raise RolloutSpecError(f"{where}: canary.merge must be a list of checkpoint names", reason="rollout")
+        if canary_merges and spec["canary_mode"] != "replace":
+            raise RolloutSpecError(f"{where}: canary.merge needs mode replace (mode merge builds on stable)",
+                                   reason="rollout")
+        spec["canary_merges"] = tuple(canary_merges)
         for key in ("weight", "shadow"):
             if type(spec[key]) is not int or not 0 <= spec[key] <= 100:
                 raise RolloutSpecError(f"{where}: canary.{key} must be an integer 0-100, found {spec[key]!r}", reason="rollout")
-        if not isinstance(spec["min_match"], (int, float)) or not 0 <= spec["min_match"] <= 1:
+        min_match = spec["min_match"]
+        if isinstance(min_match, bool) or not isinstance(min_match, (int, float)) or not 0 <= min_match <= 1:
             raise RolloutSpecError(f"{where}: canary.min_match must be within [0, 1]", reason="rollout")
     return RolloutSpec(**spec)
 
@@ -87,7 +98,7 @@ def _mapping(value: Any, key: str, where: str, allowed: set[str]) -> dict[str, A
     if not isinstance(value, dict):
         raise RolloutSpecError(f"{where}: {key} must be a mapping with 'checkpoint'", reason="rollout")
     if set(value) - allowed:
-        raise RolloutSpecError(f"{where}: {key} has unknown keys {sorted(set(value) - allowed)}", reason="rollout")
+        raise RolloutSpecError(f"{where}: {key} has unknown keys {sorted(set(value) - allowed, key=str)}", reason="rollout")
     return value
 
 
@@ -108,7 +119,7 @@ def spec_of(state: ServingState) -> RolloutSpec:
         if based_on_stable and canary.merges:
             spec.update(canary=canary.merges[-1], canary_mode="merge")
         else:
-            spec.update(canary=canary.checkpoint, canary_mode="replace", stable_merges=state.stable.merges)
+            spec.update(canary=canary.checkpoint, canary_mode="replace", canary_merges=canary.merges)
         spec.update(weight=state.weight, shadow=state.shadow)
     return RolloutSpec(**spec)
 

@@ -57,7 +57,8 @@ class Settings:
         if self.admin_token:
             return self.admin_token.strip()  # a Secret written with a trailing newline
         if self.admin_token_file:
-            return Path(self.admin_token_file).read_text().strip()
+            lines = Path(self.admin_token_file).read_text().strip().splitlines()
+            return lines[0].strip() if lines else ""
         return ""
 
     def __post_init__(self) -> None:
@@ -68,6 +69,10 @@ class Settings:
             problems.append(f"max_batch_size must be >= 1, found {self.max_batch_size}")
         if self.batch_timeout_ms < 0 or self.timeout_s <= 0:
             problems.append("batch_timeout_ms must be >= 0 and timeout_s > 0")
+        if self.guard_window < 1:
+            problems.append(f"guard_window must be >= 1, found {self.guard_window}")
+        if not (0 <= self.guard_max_error_rate <= 1 and 0 <= self.guard_min_agreement <= 1):
+            problems.append("guard_max_error_rate and guard_min_agreement must be within [0, 1]")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be within 0-65535, found {self.port}")
         for name in ("device", "precision", "log_level"):
@@ -89,6 +94,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per settings field; defaults are left unset so env vars can fill in."""
     hints = get_type_hints(Settings)
+    # else argparse takes --admin-token TOKEN as an abbreviation of --admin-token-file
+    parser.add_argument("--admin-token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
     for name, f in _FIELDS.items():
         if f.metadata.get("cli") is False:
             continue
@@ -97,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{name.replace('_', '-')}", dest=name, type=hints[name], default=None,
             choices=f.metadata.get("choices"), help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
         )
+
+
+class _RefuseToken(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.error("--admin-token is not an option (a token on the command line shows in `ps`): "
+                     "set HEADSWAP_ADMIN_TOKEN or pass --admin-token-file")
 
 
 def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:

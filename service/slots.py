@@ -156,12 +156,24 @@ class SharedState:
             time.sleep(0.02)
 
 
+def _after(tmp: str, path: Path) -> None:
+    """Date ``tmp`` after ``path``: readers key caches on (mtime, size, inode), and with a coarse clock and a
+    reused inode two quick same-size writes would otherwise repeat a key and hide the second write."""
+    try:
+        old = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return
+    if os.stat(tmp).st_mtime_ns <= old:
+        os.utime(tmp, ns=(old + 1, old + 1))
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        _after(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

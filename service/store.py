@@ -24,11 +24,17 @@ class CheckpointStore:
         if pure.is_absolute() or ".." in pure.parts or name.startswith("~"):
             raise RequestError(f"checkpoint {name!r} must be a relative path inside the checkpoint store "
                                "(no absolute paths, no '..')", reason="path")
-        candidate = self.root / pure
-        resolved = candidate.resolve()
-        if not resolved.is_relative_to(self.root):
+        try:
+            resolved = (self.root / pure).resolve()
+            inside = resolved.is_relative_to(self.root)
+            is_file = inside and resolved.is_file()
+        except (OSError, RuntimeError) as exc:  # name too long, symlink loop: their messages name our paths
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "symlink loop"
+            raise RequestError(f"checkpoint {name!r} cannot be resolved in the checkpoint store ({why})",
+                               reason="path") from None
+        if not inside:
             raise RequestError(f"checkpoint {name!r} resolves outside the checkpoint store (symlink)", reason="path")
-        if not resolved.is_file():
+        if not is_file:
             raise NotFound(f"no checkpoint {name!r} in the checkpoint store", reason="missing")
         return resolved
 
