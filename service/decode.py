@@ -10,6 +10,7 @@ decoder can crash the process on a bad zlib checksum.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from service.errors import PayloadTooLarge, RequestError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_ASPECT = 32
+_SOURCE_LOCATION = re.compile(r"\S*\.(?:cpp|h|c):\d+:?")  # torchvision's C++ file:line in its errors
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,10 @@ def _decode_jpeg(data: bytes) -> torch.Tensor:
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
             )
     except (RuntimeError, UserWarning) as exc:
-        raise RequestError(f"corrupt JPEG: {str(exc).splitlines()[0][:200]}", reason="corrupt") from None
+        # torchvision says "decode_jpeg, <file.cpp:line>, <what>": keep only what went wrong
+        parts = [p.strip() for p in _SOURCE_LOCATION.sub("", str(exc).splitlines()[0]).split(",") if p.strip()]
+        detail = (parts[-1] if parts else "undecodable")[:200]
+        raise RequestError(f"corrupt JPEG: {detail}", reason="corrupt") from None
 
 
 def _decode_pil(image: Image.Image) -> torch.Tensor:
