@@ -115,6 +115,7 @@ class Controller:
 
     # ---- admin operations ------------------------------------------------------------------
     def load(self, req: LoadRequest, caller: str) -> dict[str, Any]:
+        called = time.monotonic()
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable(caller)
@@ -124,7 +125,7 @@ class Controller:
                 slot_change["previous_stable"] = current.stable
             new = current.next(**slot_change)
             result = self._commit(current, new, action="load", caller=caller, slot=req.slot,
-                                  checkpoint=req.checkpoint, report=candidate.report)
+                                  checkpoint=req.checkpoint, report=candidate.report, called=called)
         return {**result, "merge_report": candidate.report.to_dict() if candidate.report else None}
 
     def _candidate(self, req: LoadRequest, current: ServingState) -> Candidate:
@@ -226,8 +227,11 @@ class Controller:
                            "rollout spec, not through the admin API", reason="read_only_rollout")
 
     def _commit(self, current: ServingState, new: ServingState, *, action: str, caller: str, slot: str | None = None,
-                checkpoint: str | None = None, report: MergeReport | None = None, write_spec: bool = True) -> dict[str, Any]:
-        started = time.monotonic()
+                checkpoint: str | None = None, report: MergeReport | None = None, write_spec: bool = True,
+                called: float | None = None) -> dict[str, Any]:
+        """Publish ``new``, wait for every worker, roll back on failure. Times from ``called`` (the
+        admin call's start, validation included) when given."""
+        started = called if called is not None else time.monotonic()
         self.shared.write(new)
         if not self.live:
             return {"result": "ok", "generation": new.generation, "versions": _versions(new), "seconds": 0.0}

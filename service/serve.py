@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 import litserve as ls
+import torch
 from fastapi import FastAPI
 from fastapi.responses import Response
 from litserve.utils import WorkerSetupStatus
@@ -88,20 +89,25 @@ def _serve(settings: Settings, runtime: Path) -> int:
     store = CheckpointStore(settings.store)
     metrics = Metrics()
     rollout = RolloutFile(Path(settings.rollout_file)) if settings.rollout_file else None
-    workers = settings.workers_per_device
+    cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    # On CPU, one single-threaded worker per core outruns one worker with many threads, and keeps
+    # its speed when something else takes a core (an intra-op thread pool waits for its slowest).
+    workers = settings.workers_per_device or (cores if cpu else 1)
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
                             rollout=rollout, events=metrics, swap_timeout_s=settings.swap_timeout_s)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
     model_name = settings.model_name or state.stable.meta.get("name") or state.stable.meta["arch"]
     config = WorkerConfig(
         state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision,
-        threads=max(1, (os.cpu_count() or 1) // workers), max_batch_size=settings.max_batch_size,
+        threads=max(1, cores // workers), max_batch_size=settings.max_batch_size,
         batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s, log_level=settings.log_level,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config), accelerator=accelerator, workers_per_device=workers,
                           timeout=False, restart_workers=True)
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by each spawned worker: idle threads sleep
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     readiness = Readiness(server, expected, shared)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),

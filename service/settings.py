@@ -29,7 +29,8 @@ class Settings:
     port: int = _opt(8000, "port to listen on")
     model_name: str = _opt("", "model name in answers and V2 paths (default: the checkpoint's name)")
     checkpoint_dir: str = _opt("", "checkpoint store for later loads (default: the checkpoint's folder)")
-    workers_per_device: int = _opt(1, "inference worker processes per device")
+    workers_per_device: int = _opt(0, "inference worker processes per device (0: one per core with one thread "
+                                   "each on CPU, one per GPU)")
     max_batch_size: int = _opt(16, "most images in one forward pass")
     batch_timeout_ms: float = _opt(2.0, "how long a worker waits to fill a batch once it has one image")
     device: str = _opt("auto", "where the model runs", DEVICES)
@@ -63,8 +64,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.workers_per_device < 1:
-            problems.append(f"workers_per_device must be >= 1, found {self.workers_per_device}")
+        if self.workers_per_device < 0:
+            problems.append(f"workers_per_device must be >= 0 (0: automatic), found {self.workers_per_device}")
         if self.max_batch_size < 1:
             problems.append(f"max_batch_size must be >= 1, found {self.max_batch_size}")
         if self.batch_timeout_ms < 0 or self.timeout_s <= 0:

@@ -160,7 +160,7 @@ def test_settings_are_frozen() -> None:
 # --- validation --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"workers_per_device": 0}, "workers_per_device must be >= 1, found 0"),
+    ({"workers_per_device": -1}, "workers_per_device must be >= 0 (0: automatic), found -1"),
     ({"max_batch_size": 0}, "max_batch_size must be >= 1, found 0"),
     ({"batch_timeout_ms": -1.0}, "batch_timeout_ms must be >= 0 and timeout_s > 0"),
     ({"timeout_s": 0.0}, "batch_timeout_ms must be >= 0 and timeout_s > 0"),
@@ -178,8 +178,8 @@ def test_validation_message(changes: dict[str, object], message: str) -> None:
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ValueError) as info:
-        Settings(workers_per_device=0, max_batch_size=-3, port=70000, device="gpu")
-    assert str(info.value) == ("workers_per_device must be >= 1, found 0; max_batch_size must be >= 1, found -3; "
+        Settings(workers_per_device=-1, max_batch_size=-3, port=70000, device="gpu")
+    assert str(info.value) == ("workers_per_device must be >= 0 (0: automatic), found -1; max_batch_size must be >= 1, found -3; "
                                "port must be within 0-65535, found 70000; "
                                "device must be one of auto, cpu, cuda, found 'gpu'")
 
@@ -188,8 +188,8 @@ def test_bad_choice_from_the_environment_is_refused() -> None:
     with pytest.raises(ValueError) as info:
         _settings(HEADSWAP_DEVICE="tpu")
     assert str(info.value) == "device must be one of auto, cpu, cuda, found 'tpu'"
-    with pytest.raises(ValueError, match=r"^workers_per_device must be >= 1, found 0$"):
-        _settings(HEADSWAP_WORKERS_PER_DEVICE="0")
+    with pytest.raises(ValueError, match=r"^workers_per_device must be >= 0 \(0: automatic\), found -1$"):
+        _settings(HEADSWAP_WORKERS_PER_DEVICE="-1")
 
 
 def test_boundary_values_are_accepted() -> None:
