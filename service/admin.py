@@ -13,7 +13,8 @@ import hmac
 import json
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
@@ -48,7 +49,8 @@ class AdminRoutes:
                   ("/admin/rollback", self.rollback, "POST", "Drop the canary, or restore the previous stable")]
         for path, handler, method, summary in routes:
             app.add_api_route(path, guarded(self._authenticated(handler)), methods=[method], summary=summary,
-                              response_model=None, openapi_extra=ADMIN_OPENAPI.get(path, {}) | AUTH_OPENAPI)
+                              response_model=None, openapi_extra=ADMIN_OPENAPI.get(path, {}),
+                              dependencies=[Security(BEARER)])  # documents the scheme; _authenticated checks it
 
     def _authenticated(self, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -122,7 +124,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-AUTH_OPENAPI: dict[str, Any] = {"security": [{"bearer": []}]}
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer")
 ADMIN_OPENAPI: dict[str, dict[str, Any]] = {
     "/admin/load": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["checkpoint"], "properties": {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
+_DIGITS = re.compile(r"\s*[0-9]+\s*")  # int() alone would also take "1_0" and non-ASCII digits
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_top_k(value: Any, default: int = 5) -> int:
     if value is None:
         return default
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise RequestError(f"top_k must be a positive integer, found {value!r}", reason="top_k")
     try:
         top_k = int(value)
     except (TypeError, ValueError):

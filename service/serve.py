@@ -21,9 +21,11 @@ from types import FrameType
 import litserve as ls
 import torch
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from litserve.utils import WorkerSetupStatus
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 
 from service.admin import AdminRoutes
 from service.app import Routes, ServedContext
@@ -119,7 +121,9 @@ def _serve(settings: Settings, runtime: Path) -> int:
     V2Routes(ctx).install(server.app)
     main_pid = os.getpid()
     metrics_route = _metrics_route(shared, main_pid)
-    server.app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics")
+    server.app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics",
+                             response_class=PlainTextResponse)
+    server.app.add_exception_handler(StarletteHTTPException, _framework_error)
     sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
@@ -170,6 +174,11 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404/405 in our error shape, ``{"error": ...}``, keeping its headers (Allow)."""
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _metrics_route(shared: SharedState, main_pid: int):  # noqa: ANN202

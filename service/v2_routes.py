@@ -38,11 +38,13 @@ class V2Routes:
         app.add_api_route("/v2/health/live", self.live, summary="V2 liveness", **get)
         app.add_api_route("/v2/health/ready", self.ready, summary="V2 readiness", **get)
         for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{model_version}"):
-            app.add_api_route(base, guarded(self.metadata), summary="V2 model metadata", **get)
-            app.add_api_route(f"{base}/ready", guarded(self.model_ready), summary="V2 model readiness", **get)
+            params = {"parameters": [_path_param("name")] + ([_path_param("model_version")] if "versions" in base else [])}
+            app.add_api_route(base, guarded(self.metadata), summary="V2 model metadata", openapi_extra=params, **get)
+            app.add_api_route(f"{base}/ready", guarded(self.model_ready), summary="V2 model readiness",
+                              openapi_extra=params, **get)
             app.add_api_route(f"{base}/infer", instrumented(self.infer, "v2_infer", self.ctx.metrics), methods=["POST"], response_model=None,
                               summary="V2 inference (IMAGE BYTES or PIXELS FP32 -> PROBABILITIES)",
-                              openapi_extra=INFER_OPENAPI)
+                              openapi_extra={**INFER_OPENAPI, **params})
 
     async def server(self) -> Response:
         return JSONResponse(server_metadata(version=_server_version()))
@@ -118,6 +120,10 @@ class V2Routes:
             if view.version == version:
                 return view.meta.class_names
         return []
+
+
+def _path_param(name: str) -> dict[str, object]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 INFER_OPENAPI = {
