@@ -48,6 +48,8 @@ class Metrics:
         self.rollbacks = Counter("headswap_rollbacks_total", "Canary/stable rollbacks", ["reason"], registry=r)
         self.input_errors = Counter("headswap_input_errors_total", "Rejected inputs by cause", ["reason"], registry=r)
         self.rollout_errors = Counter("headswap_rollout_errors_total", "Rollout specs refused", registry=r)
+        self.gpu_memory = Gauge("headswap_gpu_memory_allocated_bytes", "CUDA memory held by tensors, per worker",
+                                multiprocess_mode="liveall", registry=r)
 
     # controller events (see Controller._emit)
     def swap(self, slot: str, result: str, seconds: float | None = None) -> None:

@@ -82,6 +82,8 @@ class ClassifierAPI(ls.LitAPI):
         if self.metrics is None or self.engine is None:
             return
         self.metrics.batch_size.observe(batch_size)
+        if self.engine.device.type == "cuda":
+            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.engine.device))
         for slot, seconds in self.engine.timings.items():
             self.metrics.inference.labels(slot).observe(seconds)
 
