@@ -35,8 +35,8 @@ test-slow: install-test
 	$(PY) -m pytest -q -m slow
 
 $(DEMO_CKPT): | $(VENV)/.installed
-	$(VENV)/bin/headswap demo-data $(DEMO_DIR)/data --task shapes
-	$(VENV)/bin/headswap finetune --arch resnet18 --data $(DEMO_DIR)/data --out $(DEMO_CKPT)
+	$(VENV)/bin/headswap demo-data $(DEMO_DIR)/data --task shapes --per-class 500 --size 48 --seed 0
+	$(VENV)/bin/headswap finetune --arch resnet18 --data $(DEMO_DIR)/data --out $(DEMO_CKPT) --image-size 48 --epochs 6 --optimizer adamw --lr 0.002 --seed 0
 
 demo-checkpoint: $(DEMO_CKPT)
 
@@ -44,14 +44,18 @@ demo: install demo-checkpoint
 	$(VENV)/bin/headswap inspect $(DEMO_CKPT)
 	$(VENV)/bin/headswap serve --checkpoint $(DEMO_CKPT) --host $(HOST) --port $(PORT)
 
-bench: install-test
+$(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) -m bench.run
 
-bench-quick: install-test
+bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench.run --quick
 
 soak: install-test
-	$(PY) -m bench.soak
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

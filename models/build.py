@@ -57,19 +57,24 @@ def build_classifier(
     for head in spec.head_modules:
         model.set_submodule(head, _fresh_head(model.get_submodule(head), num_classes))
     if is_path:
-        report = merge_checkpoint_into(model, weights)
+        report = merge_checkpoint_into(model, weights, skip_heads_of=arch)
         log.info("merged %s into %s:\n%s", weights, arch, format_report(report))
     return model
 
 
 def merge_checkpoint_into(
-    model: nn.Module, path: str | os.PathLike[str], *, min_match: float = 0.0
+    model: nn.Module, path: str | os.PathLike[str], *, min_match: float = 0.0, skip_heads_of: str | None = None
 ) -> MergeReport:
     """Merge the tensors of the checkpoint at ``path`` that fit ``model`` (in place).
 
-    Returns the merge report; raises CheckpointError or IncompatibleCheckpointError.
+    ``skip_heads_of``: an architecture whose head tensors are left out of the source, so the
+    model keeps fresh heads even where the shapes fit. Returns the merge report; raises
+    CheckpointError or IncompatibleCheckpointError.
     """
     loaded = load_checkpoint(path)
+    if skip_heads_of is not None:
+        heads = tuple(f"{h}." for h in get_spec(skip_heads_of).head_modules)
+        loaded = loaded._replace(state={k: v for k, v in loaded.state.items() if not k.startswith(heads)})
     merged, report = merge_state(model.state_dict(), loaded.state, min_match=min_match)
     model.load_state_dict(merged)
     return report

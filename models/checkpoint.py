@@ -149,6 +149,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: State, meta: Checkpoint
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
         with os.fdopen(fd, "wb") as fh:
             if path.suffix == ".safetensors":
                 safetensors_format.dump(state, {_META_KEY: json.dumps(meta.to_dict())}, fh)
@@ -161,6 +162,12 @@ def save_checkpoint(path: str | os.PathLike[str], state: State, meta: Checkpoint
         Path(tmp).unlink(missing_ok=True)
         raise
     return state_version(state)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(

@@ -69,6 +69,10 @@ def write_demo_data(
     root = Path(out)
     _clear_previous(root)
     summary = DemoData(str(root), task, TASKS[task], per_class, val_per_class(per_class), size, seed)
+    root.mkdir(parents=True, exist_ok=True)
+    recipe = {k: v for k, v in asdict(summary).items() if k != "root"}  # same arguments, same bytes: no paths
+    # Written first: it marks the tree as ours, so an interrupted run's half-tree is replaced next time.
+    (root / MARKER).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     for split, count in (("train", summary.train_per_class), ("val", summary.val_per_class)):
         for name in summary.classes:
             folder = root / split / name
@@ -78,7 +82,6 @@ def write_demo_data(
                 image = draw_image(task, name, size=size, rng=rng)
                 image.save(folder / f"{name}_{index:05d}.jpg", format="JPEG", quality=JPEG_QUALITY,
                            subsampling=0, optimize=False, progressive=False)
-    (root / MARKER).write_text(json.dumps(asdict(summary), indent=2, sort_keys=True) + "\n")
     return summary
 
 
@@ -97,7 +100,8 @@ def draw_image(task: str, class_name: str, *, size: int, rng: random.Random) -> 
     Raises ValueError for an unknown task or class.
     """
     if class_name not in TASKS.get(task, ()):
-        raise ValueError(f"class must be one of {', '.join(TASKS.get(task, ()))} of task {task!r}, found {class_name!r}")
+        known = ", ".join(TASKS.get(task, ()))
+        raise ValueError(f"class must be one of {known} of task {task!r}, found {class_name!r}")
     px = size * _SUPERSAMPLE
     image, colours = _background(rng, px)
     mask = _shape_mask(class_name, rng, px) if task == "shapes" else _glyph_mask(class_name, rng, px)
@@ -151,15 +155,15 @@ def _background(rng: random.Random, px: int) -> tuple[Image.Image, list[tuple[in
             x, y, r = rng.uniform(0, px), rng.uniform(0, px), step * rng.uniform(0.1, 0.25)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
     overlay = Image.new("RGB", (px, px), _colour(rng))
-    alpha = texture.point(lambda v, a=rng.uniform(0.1, 0.3): round(v * a))
-    image.paste(overlay, (0, 0, px, px), alpha)
+    strength = rng.uniform(0.1, 0.3)
+    image.paste(overlay, (0, 0, px, px), texture.point(lambda v: round(v * strength)))
     return image, [c1, c2]
 
 
 def _place(rng: random.Random, px: int, scale: tuple[float, float]) -> tuple[float, float, float, float]:
-    """Centre, radius and rotation, keeping the figure inside the centre crop of the eval transform."""
+    """Centre, radius and rotation: near the middle, so the eval transform's centre crop seldom cuts it."""
     r = px * rng.uniform(*scale)
-    return px * rng.uniform(0.36, 0.64), px * rng.uniform(0.36, 0.64), r, rng.uniform(0, 2 * math.pi)
+    return px * rng.uniform(0.38, 0.62), px * rng.uniform(0.38, 0.62), r, rng.uniform(0, 2 * math.pi)
 
 
 def _transform(points: list[Point], cx: float, cy: float, r: float, theta: float) -> list[Point]:
@@ -168,19 +172,21 @@ def _transform(points: list[Point], cx: float, cy: float, r: float, theta: float
 
 
 def _ngon(n: int, radii: tuple[float, ...] = (1.0,)) -> list[Point]:
+    """Vertices of a regular ``n``-gon, or a star when ``radii`` alternates between two radii."""
     k = n * len(radii)
-    return [(radii[i % len(radii)] * math.cos(2 * math.pi * i / k), radii[i % len(radii)] * math.sin(2 * math.pi * i / k))
-            for i in range(k)]
+    return [(radii[i % len(radii)] * math.cos(2 * math.pi * i / k),
+             radii[i % len(radii)] * math.sin(2 * math.pi * i / k)) for i in range(k)]
 
 
 def _shape_mask(name: str, rng: random.Random, px: int) -> Image.Image:
-    cx, cy, r, theta = _place(rng, px, (0.17, 0.27))
+    cx, cy, r, theta = _place(rng, px, (0.2, 0.3))
     mask = Image.new("L", (px, px), 0)
     draw = ImageDraw.Draw(mask)
     if name in ("circle", "crescent"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         if name == "crescent":  # a disk with an offset disk cut out of it
-            (ox, oy), r2 = _transform([(rng.uniform(0.35, 0.6), 0.0)], cx, cy, r, theta)[0], r * rng.uniform(0.75, 0.95)
+            (ox, oy) = _transform([(rng.uniform(0.35, 0.6), 0.0)], cx, cy, r, theta)[0]
+            r2 = r * rng.uniform(0.75, 0.95)
             draw.ellipse([ox - r2, oy - r2, ox + r2, oy + r2], fill=0)
     else:
         w = rng.uniform(0.28, 0.4)
@@ -219,7 +225,7 @@ def _glyph_strokes(name: str, rng: random.Random) -> list[list[Point]]:
 
 
 def _glyph_mask(name: str, rng: random.Random, px: int) -> Image.Image:
-    cx, cy, r, theta = _place(rng, px, (0.2, 0.28))
+    cx, cy, r, theta = _place(rng, px, (0.24, 0.32))
     width = max(2, round(px * rng.uniform(0.035, 0.06)))
     mask = Image.new("L", (px, px), 0)
     draw = ImageDraw.Draw(mask)
