@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models import CheckpointMeta, classifier_from_state
+from models.finetune import resolve_device
 from models.transforms import normalize, resize_crop
 from service.errors import RequestError
 
@@ -53,14 +54,6 @@ class Loaded:
     meta: CheckpointMeta
     version: str
     checkpoint: str
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

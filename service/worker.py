@@ -25,7 +25,8 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from service.engine import Answer, Engine, Item, resolve_device, resolve_precision
+from models.finetune import resolve_device
+from service.engine import Answer, Engine, Item, resolve_precision
 from service.follower import SlotFollower
 from service.metrics import Metrics
 from service.slots import SharedState
