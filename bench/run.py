@@ -567,15 +567,15 @@ def _swap_section(sw: dict[str, Any], sweep_point: dict[str, Any] | None) -> lis
              f"Closed loop at concurrency {sw['concurrency']}, {sw['requests']} requests, {len(sw['swaps'])} swap(s) through "
              "`POST /admin/load`; *around* a swap means requests in flight from "
              f"{sw['margin_s']:g} s before the admin call to {sw['margin_s']:g} s after it returned.", "",
-             "| Checkpoint | Status | Admin call to all workers switched | of which publish to all acks (`seconds`) "
+             "| Checkpoint | Status | Admin call to all workers switched | server's own count (`seconds`) "
              "| First new-version answer | Last old-version answer |",
              "|---|---:|---:|---:|---:|---:|"]
     for x in sw["swaps"]:
         lines.append(f"| {x['checkpoint']} | {x['status']} | {_f(x['client_s'], 2)} s | {_f(x['seconds'], 2)} s "
                      f"| {_f(x['first_new_after_s'], 2)} s | {_f(x['last_old_after_s'], 2)} s |")
     lines += ["", "The admin call returns once every worker has switched, so its wall time is the swap time; the response's "
-              "`seconds` counts only from publishing the new state to the last worker's acknowledgement (it leaves out "
-              "the controller's validation of the checkpoint). Answer times are from the admin call's start."]
+              "`seconds` is the server's own count of the same span (validation, publishing, every worker's "
+              "acknowledgement) without the HTTP round trip. Answer times are from the admin call's start."]
     errors = f" ({', '.join(f'{k}: {v}' for k, v in sw['errors'].items())})" if sw["errors"] else ""
     lines += ["", f"Failed requests: **{sw['failed']}**{errors}. p50/p99 around swaps "
               f"{_f(sw['p50_near_ms'])}/{_f(sw['p99_near_ms'])} ms ({sw['near_requests']} requests) against steady "
