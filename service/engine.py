@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from models import CheckpointMeta, classifier_from_state
-from models.finetune import resolve_device
 from models.transforms import normalize, resize_crop
 from service.errors import RequestError
 
