@@ -257,7 +257,6 @@ class Controller:
         elapsed = time.monotonic() - started
         if slot is not None:
             self._emit("swap", slot=slot, result="ok", seconds=elapsed)
-        self._emit("state", state=new)
         self.audit.record(action=action, caller=caller, checkpoint=checkpoint, before=_versions(current),
                           after=_versions(new), result="ok", merge=report.summary() if report else None)
         log.info("%s by %s: %s -> %s in %.2f s", action, caller, _versions(current), _versions(new), elapsed)

@@ -63,9 +63,6 @@ class Metrics:
     def rollout_error(self) -> None:
         self.rollout_errors.inc()
 
-    def state(self, state: object) -> None:
-        pass  # slot gauges are read from the shared state at scrape time
-
 
 class StateCollector(Collector):
     """Scrape-time view of the shared state: model_info, canary weight, shadow share, memory."""
