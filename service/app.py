@@ -79,10 +79,12 @@ class ServedContext:
         if not self.is_serving():
             raise NotReady("not ready: no inference worker has the model loaded yet", reason="not_ready")
 
-    async def infer(self, request: Request, image: torch.Tensor, *, slot: str, top_k: int, normalized: bool = False) -> Result:
+    async def infer(self, request: Request, image: torch.Tensor, *, slot: str, top_k: int, normalized: bool = False,
+                    following: int = 0) -> Result:
         """One image through the chosen slot, with canary bookkeeping and shadowing."""
         try:
-            result = await self.dispatcher.infer(request, image, slot=slot, top_k=top_k, normalized=normalized)
+            result = await self.dispatcher.infer(request, image, slot=slot, top_k=top_k, normalized=normalized,
+                                                 following=following)
         except RequestError as exc:
             canary = self.state().canary
             if slot == "canary" and exc.status >= 500 and canary is not None:

@@ -5,6 +5,10 @@ Runs in each forked API-server process. Image decoding and resizing run in a thr
 of running in series with them inside the worker. Items reach the workers through
 LitServe's request queue and come back through its response buffer; each one is awaited
 with a deadline, so no request waits past ``timeout_s``.
+
+Each queued item carries ``arriving``: how many more images this process will queue soon
+(being decoded now, or later items of the same request). A worker waits for its batch to
+fill only while that is above zero, so a lone request does not sit out the batch timeout.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Dispatcher:
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
+        self._decoding = 0  # images of this process in the decode pool (event-loop thread only)
 
     def _executor(self) -> ThreadPoolExecutor:
         # API servers are forked after this object is built; threads do not survive a fork.
@@ -73,14 +78,20 @@ class Dispatcher:
     async def preprocess(self, data: bytes, meta: CheckpointMeta) -> torch.Tensor:
         """Encoded bytes -> uint8 (3, S, S) for ``meta``'s model. Raises RequestError (4xx)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor(), _decode_and_crop, data, self.limits, meta)
+        self._decoding += 1
+        try:
+            return await loop.run_in_executor(self._executor(), _decode_and_crop, data, self.limits, meta)
+        finally:
+            self._decoding -= 1
 
     async def infer(self, request: Request, image: torch.Tensor, *, slot: str, top_k: int,
-                    normalized: bool = False) -> Result:
-        """Queue one image for ``slot`` and await its answer. Raises RequestError subclasses."""
+                    normalized: bool = False, following: int = 0) -> Result:
+        """Queue one image for ``slot`` and await its answer; ``following``: images of the same
+        request queued right after this one. Raises RequestError subclasses."""
         array = image.contiguous().numpy()
         payload = {"slot": slot, "data": array.tobytes(), "shape": list(array.shape),
-                   "dtype": "float32" if normalized else "uint8", "top_k": top_k}
+                   "dtype": "float32" if normalized else "uint8", "top_k": top_k,
+                   "arriving": self._decoding + following}
         uid = uuid.uuid4().hex
         event = asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event=event)

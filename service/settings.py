@@ -32,7 +32,7 @@ class Settings:
     workers_per_device: int = _opt(0, "inference worker processes per device (0: one per core with one thread "
                                    "each on CPU, one per GPU)")
     max_batch_size: int = _opt(16, "most images in one forward pass")
-    batch_timeout_ms: float = _opt(2.0, "how long a worker waits to fill a batch once it has one image")
+    batch_timeout_ms: float = _opt(2.0, "how long a worker waits to fill a batch once it has one image, while more are on their way")
     device: str = _opt("auto", "where the model runs", DEVICES)
     precision: str = _opt("auto", "inference precision (auto: bf16 on CUDA, fp32 on CPU)", PRECISIONS)
     max_image_bytes: int = _opt(20 * 1024 * 1024, "largest accepted image (and request body), in bytes")

@@ -102,8 +102,8 @@ class V2Routes:
             assert parsed.pixels is not None
             images, normalized = list(torch.from_numpy(parsed.pixels)), True
         k = max([o.classification for o in parsed.outputs] + [1])
-        results = await asyncio.gather(*(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized)
-                                         for image in images))
+        results = await asyncio.gather(*(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized,
+                                                         following=len(images) - 1 - i) for i, image in enumerate(images)))
         served = results[0]
         body, headers = encode_infer_response(
             model_name=self.ctx.model_name, model_version=served.version, request=parsed,

@@ -111,9 +111,18 @@ class ClassifierAPI(ls.LitAPI):
                 "version": output.version, "slot": output.slot}
 
 
+def _more_coming(entry: Any) -> bool:
+    """Whether the API server that queued ``entry`` had more images on their way (unknown: yes)."""
+    if entry == _SENTINEL_VALUE:
+        return False
+    payload = entry[3]
+    return not isinstance(payload, dict) or payload.get("arriving", 1) > 0
+
+
 class InferenceLoop(BatchedLoop):
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
-        """Block briefly for a first request, drain the queue, then wait up to batch_timeout."""
+        """Block briefly for a first request, drain the queue, then wait up to batch_timeout while
+        more images are on their way (the newest item's ``arriving`` hint, see service.dispatch)."""
         try:
             first = request_queue.get(timeout=IDLE_POLL_S)
         except Empty:
@@ -125,7 +134,7 @@ class InferenceLoop(BatchedLoop):
                 entries.append(request_queue.get_nowait())
             except Empty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not _more_coming(entries[-1]):
                     break
                 try:
                     entries.append(request_queue.get(timeout=remaining))

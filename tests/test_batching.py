@@ -1,0 +1,131 @@
+"""When a worker waits to fill a batch: only while the API servers say more images are coming.
+
+The worker side (``InferenceLoop.get_batch_requests``) runs against a scripted queue, so what
+it waited for is recorded, not timed; the API-server side (``Dispatcher``) against a captured
+queue put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from queue import Empty
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import service.dispatch as dispatch
+from service.decode import DecodeLimits
+from service.errors import GatewayTimeout
+from service.worker import InferenceLoop
+
+
+class ScriptedQueue:
+    """``ready`` items are queued now; ``late`` items arrive only to a blocking get (a wait)."""
+
+    def __init__(self, ready: list[Any], late: list[Any] = ()) -> None:
+        self.ready = list(ready)
+        self.late = list(late)
+        self.waits: list[float] = []  # the timeout of every blocking get after the first
+
+    def get(self, timeout: float) -> Any:
+        if self.ready:  # the first get of a batch
+            return self.ready.pop(0)
+        self.waits.append(timeout)
+        if self.late:
+            return self.late.pop(0)
+        raise Empty
+
+    def get_nowait(self) -> Any:
+        if self.ready:
+            return self.ready.pop(0)
+        raise Empty
+
+
+def entry(uid: str, arriving: int | None) -> tuple:
+    payload = {"slot": "stable"} if arriving is None else {"slot": "stable", "arriving": arriving}
+    return (0, uid, 1e12, payload)  # arrived in the future: never late
+
+
+def api(max_batch_size: int = 8) -> SimpleNamespace:
+    return SimpleNamespace(batch_timeout=5.0, max_batch_size=max_batch_size, config=SimpleNamespace(timeout_s=30.0))
+
+
+def uids(batch: list[tuple]) -> list[str]:
+    return [uid for _, uid, _ in batch]
+
+
+def test_a_lone_request_runs_without_waiting_for_the_batch_timeout() -> None:
+    queue = ScriptedQueue([entry("a", 0)], late=[entry("never", 0)])
+    batch, late = InferenceLoop().get_batch_requests(api(), queue, None)
+    assert uids(batch) == ["a"] and late == []
+    assert queue.waits == []  # no blocking get: the late item was not waited for
+
+
+def test_queued_requests_are_drained_and_the_newest_hint_decides() -> None:
+    queue = ScriptedQueue([entry("a", 2), entry("b", 1), entry("c", 0)], late=[entry("never", 0)])
+    batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
+    assert uids(batch) == ["a", "b", "c"]
+    assert queue.waits == []
+
+
+def test_the_worker_waits_while_images_are_on_their_way() -> None:
+    queue = ScriptedQueue([entry("a", 2)], late=[entry("b", 1), entry("c", 0), entry("never", 0)])
+    batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
+    assert uids(batch) == ["a", "b", "c"]  # stopped once the newest said nothing more is coming
+    assert len(queue.waits) == 2 and all(0 < t <= 5.0 for t in queue.waits)
+
+
+def test_without_a_hint_the_worker_waits_as_before() -> None:
+    queue = ScriptedQueue([entry("a", None)], late=[entry("b", None)])
+    batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
+    assert uids(batch) == ["a", "b"]
+    assert len(queue.waits) == 2  # waited for b, then once more until the timeout ran out
+
+
+def test_a_full_batch_does_not_wait() -> None:
+    queue = ScriptedQueue([entry(str(i), 5) for i in range(4)], late=[entry("never", 0)])
+    batch, _ = InferenceLoop().get_batch_requests(api(max_batch_size=4), queue, None)
+    assert uids(batch) == ["0", "1", "2", "3"] and queue.waits == []
+
+
+class CapturingServer:
+    def __init__(self) -> None:
+        self.response_buffer: dict[str, Any] = {}
+        self.puts: list[dict[str, Any]] = []
+
+    def _get_request_queue(self, api_path: str) -> Any:
+        return SimpleNamespace(put=lambda item: self.puts.append(item[3]))
+
+
+def request() -> Any:
+    return SimpleNamespace(app=SimpleNamespace(response_queue_id=0))
+
+
+def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+
+    def slow_decode(data: bytes, limits: DecodeLimits, meta: Any) -> torch.Tensor:
+        gate.wait(10)
+        return torch.zeros(3, 4, 4, dtype=torch.uint8)
+
+    monkeypatch.setattr(dispatch, "_decode_and_crop", slow_decode)
+    server = CapturingServer()
+    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=2)
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
+
+    async def scenario() -> None:
+        decoding = [asyncio.create_task(dispatcher.preprocess(b"x", None)) for _ in range(2)]
+        await asyncio.sleep(0)  # both are in the decode pool now
+        for following in (3, 0):
+            with pytest.raises(GatewayTimeout):  # nobody answers: only the put matters here
+                await dispatcher.infer(request(), image, slot="stable", top_k=1, following=following)
+        gate.set()
+        await asyncio.gather(*decoding)
+        with pytest.raises(GatewayTimeout):
+            await dispatcher.infer(request(), image, slot="stable", top_k=1)
+
+    asyncio.run(scenario())
+    assert [p["arriving"] for p in server.puts] == [2 + 3, 2, 0]
