@@ -10,8 +10,6 @@ the others were switched back.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from models.merge import MergeReport
 from service.audit import AuditLog
 from service.engine import Engine
 from service.errors import Conflict, InternalError, RequestError, Unprocessable
+from service.memory import release_freed_memory
 from service.rollout import RolloutFile, RolloutSpec, spec_of
 from service.slots import ServingState, SharedState, SlotSpec
 from service.store import CheckpointStore
@@ -156,7 +155,7 @@ class Controller:
             self._reject(slot, exc)
             raise  # unreachable: _reject raises
         finally:
-            _release_freed_memory()
+            release_freed_memory()
 
     def _reject(self, slot: str, exc: RequestError) -> None:
         self._emit("swap", slot=slot, result="rejected")
@@ -266,15 +265,6 @@ class Controller:
         handler: Callable[..., None] | None = getattr(self.events, event, None) if self.events else None
         if handler is not None:
             handler(**data)
-
-
-def _release_freed_memory() -> None:
-    """Give the validation's freed tensors back to the OS: glibc keeps large freed arenas, and an
-    API server that validated a checkpoint would otherwise stay ~one model larger per load."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 def _versions(state: ServingState) -> dict[str, str | None]:

@@ -34,6 +34,7 @@ from service.bootstrap import bootstrap, watch_rollout
 from service.controller import Controller
 from service.decode import DecodeLimits
 from service.dispatch import Dispatcher
+from service.memory import pin_mmap_threshold
 from service.metrics import Metrics, exposition
 from service.rollout import RolloutFile
 from service.routing import CanaryGuard, GuardPolicy
@@ -87,6 +88,7 @@ def serve(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, runtime: Path) -> int:
+    pin_mmap_threshold()  # before the API servers fork; spawned workers start afresh (service.memory)
     shared = SharedState(runtime)
     store = CheckpointStore(settings.store)
     metrics = Metrics()

@@ -1,0 +1,45 @@
+"""glibc heap settings for the long-lived server processes that validate checkpoints.
+
+Validating an admin load (reading the checkpoint, building the model, a warm-up forward pass)
+allocates and frees hundreds of MiB of large blocks at once. glibc's default raises its mmap
+threshold each time such a block is freed (up to 32 MiB), so later large blocks come from the
+heap, where freed memory fragments and stays resident: an API server's RSS then drifts by
+tens of MiB from one admin load to the next. Pinning the threshold at 1 MiB keeps every large
+block in its own mapping, given back to the system when it is freed. Inference workers keep
+glibc's default: their forward passes reuse heap blocks, and fresh mappings for every batch's
+activations would cost page faults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def pin_mmap_threshold() -> bool:
+    """For this process and the processes it forks later; False where the C library is not glibc."""
+    libc = _libc()
+    try:
+        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except AttributeError:
+        return False
+
+
+def release_freed_memory() -> None:
+    """Return free heap pages to the system after a burst of frees (a checkpoint validation)."""
+    libc = _libc()
+    try:
+        if libc:
+            libc.malloc_trim(0)
+    except AttributeError:
+        pass
