@@ -79,7 +79,7 @@ class ServedContext:
         if not self.is_serving():
             raise NotReady("not ready: no inference worker has the model loaded yet", reason="not_ready")
 
-    async def infer(self, request: Request, image: torch.Tensor, *, slot: str, top_k: int, normalized: bool = False,
+    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int, normalized: bool = False,
                     following: int = 0) -> Result:
         """One image through the chosen slot, with canary bookkeeping and shadowing."""
         try:
@@ -99,7 +99,7 @@ class ServedContext:
             task.add_done_callback(self._tasks.discard)
         return result
 
-    async def _shadow(self, request: Request, image: torch.Tensor, stable: Result, normalized: bool) -> None:
+    async def _shadow(self, request: Request, image: torch.Tensor | bytes, stable: Result, normalized: bool) -> None:
         """Run a stable-served image on the canary off the response path; count top-1 agreement."""
         try:
             canary = await self.dispatcher.infer(request, image, slot="canary", top_k=1, normalized=normalized)

@@ -9,10 +9,12 @@ decoder can crash the process on a bad zlib checksum.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from service.errors import PayloadTooLarge, RequestError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_ASPECT = 32
+EXIF_ORIENTATION = 0x0112
 _SOURCE_LOCATION = re.compile(r"\S*\.(?:cpp|h|c):\d+:?")  # torchvision's C++ file:line in its errors
 
 
@@ -39,6 +42,29 @@ def decode_image(data: bytes, limits: DecodeLimits) -> torch.Tensor:
     Raises RequestError (400: empty, not an image, corrupt, extreme aspect ratio) or
     PayloadTooLarge (413: over ``max_bytes`` or ``max_pixels``).
     """
+    return decode_checked(data, check_image(data, limits))
+
+
+def decode_checked(data: bytes, image: Image.Image) -> torch.Tensor:
+    """Decode ``data``, whose header ``check_image`` accepted as ``image``."""
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        return _decode_jpeg(data)
+    return _decode_pil(image)
+
+
+def device_decodable(image: Image.Image) -> bool:
+    """A JPEG that nvJPEG decodes to the same pixels as the CPU path: RGB or grey, no EXIF rotation
+    (torchvision applies EXIF orientation on the CPU only)."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return False
+    try:
+        return image.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except (OSError, ValueError, SyntaxError, struct.error):  # malformed EXIF: let the CPU path judge it
+        return False
+
+
+def check_image(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """The limits and the header, before any pixel is decoded; returns the lazily opened image."""
     if not data:
         raise RequestError("empty image: the request carried no bytes", reason="empty")
     if len(data) > limits.max_bytes:
@@ -55,9 +81,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> torch.Tensor:
             f"image is {width}x{height}: an aspect ratio over {MAX_ASPECT}:1 is not a photo; crop it first",
             reason="aspect_ratio",
         )
-    if image.format == "JPEG" and image.mode in ("RGB", "L"):
-        return _decode_jpeg(data)
-    return _decode_pil(image)
+    return image
 
 
 def _open(data: bytes) -> Image.Image:
@@ -78,13 +102,38 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _decode_jpeg(data: bytes) -> torch.Tensor:
+    with jpeg_errors():
+        return decode_jpeg(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
+        )
+
+
+def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | RequestError]:
+    """JPEGs already accepted by ``check_image`` and ``device_decodable`` -> uint8 RGB ``(3, H, W)``
+    on ``device`` (nvJPEG, batched, on CUDA). A batch that fails is decoded one by one, so a corrupt
+    image gets its own RequestError and the others their pixels."""
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    with contextlib.suppress(RequestError):
+        with jpeg_errors():
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    out: list[torch.Tensor | RequestError] = []
+    for tensor in tensors:
+        try:
+            with jpeg_errors():
+                out.append(decode_jpeg([tensor], mode=ImageReadMode.RGB, device=device)[0])
+        except RequestError as exc:
+            out.append(exc)
+    return out
+
+
+@contextlib.contextmanager
+def jpeg_errors() -> Iterator[None]:
+    """torchvision's JPEG errors and libjpeg's corrupt-data warnings -> RequestError (400)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # libjpeg's "corrupt data" warnings mean a broken file
             warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
-            return decode_jpeg(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
-            )
+            yield
     except (RuntimeError, UserWarning) as exc:
         # torchvision says "decode_jpeg, <file.cpp:line>, <what>": keep only what went wrong
         parts = [p.strip() for p in _SOURCE_LOCATION.sub("", str(exc).splitlines()[0]).split(",") if p.strip()]

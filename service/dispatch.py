@@ -2,9 +2,11 @@
 
 Runs in each forked API-server process. Image decoding and resizing run in a thread pool
 (PIL and torch release the GIL), so they overlap with the workers' forward passes instead
-of running in series with them inside the worker. Items reach the workers through
-LitServe's request queue and come back through its response buffer; each one is awaited
-with a deadline, so no request waits past ``timeout_s``.
+of running in series with them inside the worker. With ``decode_on_worker`` (``--decode-on
+worker``), JPEGs the worker's device can decode travel as bytes once their header passed
+the limits here, and the worker decodes them in batches (nvJPEG on a GPU). Items reach the
+workers through LitServe's request queue and come back through its response buffer; each
+one is awaited with a deadline, so no request waits past ``timeout_s``.
 
 Each queued item carries ``arriving``: how many more images this process will queue soon
 (being decoded now, or later items of the same request). A worker waits for its batch to
@@ -28,7 +30,7 @@ from starlette.requests import Request
 
 from models import CheckpointMeta
 from models.transforms import resize_crop
-from service.decode import DecodeLimits, decode_image
+from service.decode import DecodeLimits, check_image, decode_checked, device_decodable
 from service.errors import GatewayTimeout, InternalError, NotReady, RequestError
 
 
@@ -55,8 +57,9 @@ class Result:
 
 class Dispatcher:
     def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int,
-                 on_result: Any = None) -> None:
+                 on_result: Any = None, decode_on_worker: bool = False) -> None:
         self.server = server
+        self.decode_on_worker = decode_on_worker
         self.on_result = on_result
         self.api_path = api_path
         self.limits = limits
@@ -75,23 +78,26 @@ class Dispatcher:
         assert self._pool is not None
         return self._pool
 
-    async def preprocess(self, data: bytes, meta: CheckpointMeta) -> torch.Tensor:
-        """Encoded bytes -> uint8 (3, S, S) for ``meta``'s model. Raises RequestError (4xx)."""
+    async def preprocess(self, data: bytes, meta: CheckpointMeta) -> torch.Tensor | bytes:
+        """Encoded bytes -> uint8 (3, S, S) for ``meta``'s model; or, decoding on the worker, the bytes
+        of a JPEG it can decode, header checked. Raises RequestError (4xx)."""
         loop = asyncio.get_running_loop()
         self._decoding += 1
         try:
-            return await loop.run_in_executor(self._executor(), _decode_and_crop, data, self.limits, meta)
+            return await loop.run_in_executor(self._executor(), _prepare, data, self.limits, meta, self.decode_on_worker)
         finally:
             self._decoding -= 1
 
-    async def infer(self, request: Request, image: torch.Tensor, *, slot: str, top_k: int,
+    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int,
                     normalized: bool = False, following: int = 0) -> Result:
-        """Queue one image for ``slot`` and await its answer; ``following``: images of the same
-        request queued right after this one. Raises RequestError subclasses."""
-        array = image.contiguous().numpy()
-        payload = {"slot": slot, "data": array.tobytes(), "shape": list(array.shape),
-                   "dtype": "float32" if normalized else "uint8", "top_k": top_k,
-                   "arriving": self._decoding + following}
+        """Queue one image (pixels, or JPEG bytes from ``preprocess``) for ``slot`` and await its answer;
+        ``following``: images of the same request queued right after this one. Raises RequestError subclasses."""
+        payload: dict[str, Any] = {"slot": slot, "top_k": top_k, "arriving": self._decoding + following}
+        if isinstance(image, bytes):
+            payload["jpeg"] = image
+        else:
+            array = image.contiguous().numpy()
+            payload.update(data=array.tobytes(), shape=list(array.shape), dtype="float32" if normalized else "uint8")
         uid = uuid.uuid4().hex
         event = asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event=event)
@@ -110,8 +116,11 @@ class Dispatcher:
         return result
 
 
-def _decode_and_crop(data: bytes, limits: DecodeLimits, meta: CheckpointMeta) -> torch.Tensor:
-    return resize_crop(meta)(decode_image(data, limits)).contiguous()
+def _prepare(data: bytes, limits: DecodeLimits, meta: CheckpointMeta, on_worker: bool) -> torch.Tensor | bytes:
+    image = check_image(data, limits)
+    if on_worker and device_decodable(image):
+        return data
+    return resize_crop(meta)(decode_checked(data, image)).contiguous()
 
 
 def _result(data: Any, arrived: float) -> Result:

@@ -9,16 +9,19 @@ item that cannot run (say, pixels of the wrong size) fails alone.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from models import CheckpointMeta, classifier_from_state
 from models.transforms import normalize, resize_crop
+from service.decode import decode_jpegs
 from service.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -29,12 +32,14 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Item:
-    """One image for one slot: uint8 (3, H, W) from a decoded image, or normalised float pixels."""
+    """One image for one slot: uint8 (3, H, W) from a decoded image, normalised float pixels, or
+    (``image`` None) the bytes of a JPEG to decode on the worker's device."""
 
     slot: str
-    image: torch.Tensor
+    image: torch.Tensor | None
     normalized: bool = False
     top_k: int = 5
+    jpeg: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Engine:
         self.precision = precision
         self.slots: dict[str, Loaded] = {}
         self.timings: dict[str, float] = {}  # forward seconds per slot of the last run()
+        self.decoded = 0  # JPEGs the last run() decoded on the device
 
     def prepare(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, checkpoint: str) -> Loaded:
         """Build a servable model from a state (not yet serving): device, layout, warm-up.
@@ -93,6 +99,7 @@ class Engine:
         """Answer every item; an item that cannot run gets its own RequestError."""
         answers: list[Answer | RequestError] = [RequestError("not run")] * len(items)
         self.timings = {}
+        self.decoded = 0
         for slot in sorted({item.slot for item in items}):
             index = [i for i, item in enumerate(items) if item.slot == slot]
             loaded = self.slots.get(slot) or self.slots.get("stable")
@@ -113,7 +120,7 @@ class Engine:
         return answers
 
     def forward(self, loaded: Loaded, batch: torch.Tensor) -> np.ndarray:
-        """Normalised float batch (B, 3, S, S) -> softmax probabilities, float32 numpy (B, C)."""
+        """Normalised float batch (B, 3, S, S), on any device -> softmax probabilities, float32 numpy (B, C)."""
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         autocast = (
             torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
@@ -124,14 +131,22 @@ class Engine:
         return logits.float().softmax(dim=-1).cpu().numpy()
 
     def _stack(self, meta: CheckpointMeta, items: list[Item]) -> tuple[torch.Tensor, list[RequestError | None]]:
+        """The items as one normalised batch on the device (uint8 images go there before they are
+        resized and normalised); an item that cannot join it gets its RequestError."""
         size = meta.input_size
         tensors: list[torch.Tensor] = []
         errors: list[RequestError | None] = []
         norm = normalize(meta)
+        jpegs = [item.jpeg for item in items if item.image is None]
+        decoded = iter(decode_jpegs(jpegs, self.device) if jpegs else [])
+        self.decoded += len(jpegs)
         for item in items:
-            image = item.image
+            image = next(decoded) if item.image is None else item.image.to(self.device, non_blocking=True)
+            if isinstance(image, RequestError):
+                errors.append(image)
+                continue
             if not item.normalized:
-                if image.shape[-2:] != (size, size):  # preprocessed for another model before a swap
+                if item.image is None or image.shape[-2:] != (size, size):  # decoded here, or cropped for another model
                     image = resize_crop(meta)(image)
                 image = norm(image)
             elif tuple(image.shape) != (3, size, size):
@@ -141,6 +156,14 @@ class Engine:
             tensors.append(image)
             errors.append(None)
         return (torch.stack(tensors) if tensors else torch.empty(0)), errors
+
+    def warm_up_decoder(self) -> None:
+        """Start the device's JPEG decoder (nvJPEG on CUDA) before the first request needs it."""
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, format="JPEG")
+        result = decode_jpegs([buf.getvalue()], self.device)[0]
+        if isinstance(result, RequestError):
+            raise RuntimeError(f"{self.device} cannot decode JPEGs: {result}")
 
     def _warm_up(self, loaded: Loaded) -> None:
         size = loaded.meta.input_size

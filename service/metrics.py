@@ -38,6 +38,8 @@ class Metrics:
         self.inference = Histogram("headswap_inference_duration_seconds", "Forward pass per batch", ["slot"],
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("headswap_batch_size", "Images per executed batch", buckets=BATCH_BUCKETS, registry=r)
+        self.worker_decodes = Counter("headswap_worker_decoded_images_total",
+                                      "JPEGs decoded by the inference workers on their device (--decode-on worker)", registry=r)
         self.inflight = Gauge("headswap_inflight_requests", "Accepted and not yet answered (autoscaling signal)",
                               multiprocess_mode="livesum", registry=r)
         self.swaps = Counter("headswap_swaps_total", "Hot-swaps by outcome", ["slot", "result"], registry=r)

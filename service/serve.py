@@ -106,6 +106,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
         state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision,
         threads=max(1, cores // workers), max_batch_size=settings.max_batch_size,
         batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s, log_level=settings.log_level,
+        decode_on_worker=settings.decode_on == "worker",
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config), accelerator=accelerator, workers_per_device=workers,
@@ -117,7 +118,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     readiness = Readiness(server, expected, shared)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
-                            settings.timeout_s, settings.decode_threads, on_result=lambda r: metrics.queue_wait.observe(r.queue_wait_s))
+                            settings.timeout_s, settings.decode_threads, on_result=lambda r: metrics.queue_wait.observe(r.queue_wait_s),
+                            decode_on_worker=settings.decode_on == "worker")
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     ctx = ServedContext(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
                         max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller)

@@ -46,6 +46,7 @@ class WorkerConfig:
     batch_timeout_s: float
     timeout_s: float
     log_level: str = "info"
+    decode_on_worker: bool = False
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -68,6 +69,8 @@ class ClassifierAPI(ls.LitAPI):
         worker_id = os.environ.get("LITSERVE_WORKER_ID", str(os.getpid()))
         self.follower = SlotFollower(self.engine, SharedState(Path(self.config.state_dir)), worker_id)
         self.follower.catch_up()
+        if self.config.decode_on_worker:
+            self.engine.warm_up_decoder()
         self.metrics = Metrics()
         stable = self.engine.slots["stable"]
         log.info("worker %s (pid %d) ready: device %s, precision %s, %d threads, model %s (%s)", worker_id, os.getpid(),
@@ -83,12 +86,16 @@ class ClassifierAPI(ls.LitAPI):
         if self.metrics is None or self.engine is None:
             return
         self.metrics.batch_size.observe(batch_size)
+        if self.engine.decoded:
+            self.metrics.worker_decodes.inc(self.engine.decoded)
         if self.engine.device.type == "cuda":
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.engine.device))
         for slot, seconds in self.engine.timings.items():
             self.metrics.inference.labels(slot).observe(seconds)
 
     def decode_request(self, request: dict[str, Any]) -> Item:
+        if "jpeg" in request:  # --decode-on worker: Engine decodes the batch's JPEGs on its device
+            return Item(request["slot"], None, top_k=request.get("top_k", 5), jpeg=bytes(request["jpeg"]))
         shape = tuple(request["shape"])
         dtype = np.float32 if request["dtype"] == "float32" else np.uint8
         array = np.frombuffer(request["data"], dtype=dtype).reshape(shape)
@@ -161,10 +168,10 @@ class InferenceLoop(BatchedLoop):
             if batch:
                 started = time.monotonic()
                 responses = self._answer(lit_api, [p for _, _, p in batch])
+                lit_api.observe(len(batch))  # before the answers: a client that has one sees it counted
                 for (response_queue_id, uid, _), response in zip(batch, responses):
                     response.update(batch_size=len(batch), started=started, finished=time.monotonic())
                     self._send(transport, response_queue_id, uid, response)
-                lit_api.observe(len(batch))
 
     @staticmethod
     def _answer(lit_api: ClassifierAPI, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:

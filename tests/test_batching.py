@@ -107,11 +107,11 @@ def request() -> Any:
 def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
     gate = threading.Event()
 
-    def slow_decode(data: bytes, limits: DecodeLimits, meta: Any) -> torch.Tensor:
+    def slow_decode(data: bytes, limits: DecodeLimits, meta: Any, on_worker: bool) -> torch.Tensor:
         gate.wait(10)
         return torch.zeros(3, 4, 4, dtype=torch.uint8)
 
-    monkeypatch.setattr(dispatch, "_decode_and_crop", slow_decode)
+    monkeypatch.setattr(dispatch, "_prepare", slow_decode)
     server = CapturingServer()
     dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=2)
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)

@@ -1,0 +1,82 @@
+"""The reduced-precision and CUDA paths: bf16 autocast in channels_last, nvJPEG decode, a server on the GPU.
+
+The engine's bf16 path also runs on the CPU; everything CUDA is skipped where torch sees no
+CUDA device (CI has none). ``bench/gpu_check.sh`` runs this file on a GPU machine before the
+GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from models import eval_transform, load_checkpoint, load_classifier
+from models.transforms import resize_crop
+from service.decode import DecodeLimits, decode_image, decode_jpegs
+from service.engine import Engine, Item
+from tests.images import jpeg
+from tests.server import Server, run_server
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+IMAGES = [jpeg(seed) for seed in range(8)]
+
+
+def _offline(checkpoint: Path) -> np.ndarray:
+    model, meta = load_classifier(checkpoint)
+    with torch.inference_mode():
+        x = torch.stack([eval_transform(meta)(Image.open(io.BytesIO(d))) for d in IMAGES])
+        return model(x).softmax(-1).numpy()
+
+
+@cuda
+def test_nvjpeg_decodes_like_the_cpu() -> None:
+    out = decode_jpegs(IMAGES, torch.device("cuda"))
+    for data, got in zip(IMAGES, out):
+        assert isinstance(got, torch.Tensor) and got.device.type == "cuda"
+        cpu = decode_image(data, DecodeLimits())
+        assert got.shape == cpu.shape
+        assert (got.cpu().float() - cpu.float()).abs().mean() < 1.0  # IDCTs differ by a grey level at most, mostly
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("on_device", [False, True], ids=["api-decoded", "device-decoded"])
+def test_bf16_engine_agrees_with_the_fp32_cpu_model(resnet18_ckpt: Path, device: str, on_device: bool) -> None:
+    ckpt = load_checkpoint(resnet18_ckpt)
+    engine = Engine(torch.device(device), "bf16")
+    engine.install("stable", engine.prepare(ckpt.state, ckpt.meta, ckpt.version, "ckpt"))
+    if on_device:
+        items = [Item("stable", None, top_k=7, jpeg=d) for d in IMAGES]
+    else:
+        items = [Item("stable", resize_crop(ckpt.meta)(decode_image(d, DecodeLimits())), top_k=7) for d in IMAGES]
+    answers = engine.run(items)
+    got = np.stack([a.probabilities for a in answers])
+    expected = _offline(resnet18_ckpt)
+    assert np.abs(got - expected).max() < 0.05
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.75
+    assert engine.decoded == (len(IMAGES) if on_device else 0)
+
+
+@pytest.fixture(scope="module", params=["api", "worker"])
+def gpu_server(request: pytest.FixtureRequest, resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(resnet18_ckpt, tmp_path_factory.mktemp("cuda"), "--device", "cuda", "--precision", "bf16",
+                    "--decode-on", request.param) as srv:
+        yield srv
+
+
+@cuda
+def test_server_on_the_gpu_agrees_with_the_offline_model(gpu_server: Server, resnet18_ckpt: Path) -> None:
+    expected = _offline(resnet18_ckpt)
+    for data, row in zip(IMAGES, expected):
+        response = requests.post(f"{gpu_server.url}/predict?top_k=7", data=data, headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200, response.text
+        for p in response.json()["predictions"]:
+            assert p["score"] == pytest.approx(float(row[p["index"]]), abs=0.05)
+    assert "device cuda" in gpu_server.log.read_text()
