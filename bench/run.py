@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from bench.loadgen import LoadSpec, percentile, process_cpu, summarize
+from bench.report import render
 from models import CheckpointMeta, build_classifier, eval_transform, load_classifier, save_checkpoint
 from models.demo_data import TASKS, draw_image
 from models.transforms import normalize, resize_crop
@@ -73,6 +74,7 @@ class Plan:
     variants: tuple[tuple[str, dict[str, int]], ...]
     images: int = 32
     max_requests: int = 50_000
+    decode_on: str = "api"
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -91,7 +93,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         # max batch 1: what batching buys (a GPU target); 2 workers: the other way to use 2 cores.
         variants=(("max batch 1", {"max_batch_size": 1}),) if quick and cuda else () if quick
         else (("max batch 1", {"max_batch_size": 1}), ("2 workers", {"workers": 2})),
-        max_requests=100_000 if quick else 300_000,
+        max_requests=100_000 if quick else 300_000, decode_on=args.decode_on,
     )
 
 
@@ -304,7 +306,7 @@ def _ok(url: str) -> bool:
 def headswap_cmd(checkpoint: Path, port: int, plan: Plan) -> list[str]:
     return [HEADSWAP, "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--device", plan.device,
             "--precision", plan.precision, "--max-batch-size", str(plan.max_batch_size),
-            "--workers-per-device", str(plan.workers), "--log-level", "warning"]
+            "--workers-per-device", str(plan.workers), "--decode-on", plan.decode_on, "--log-level", "warning"]
 
 
 def start_load(spec: LoadSpec, workdir: Path) -> subprocess.Popen:
@@ -405,186 +407,6 @@ def analyse_swaps(result: dict[str, Any], calls: list[dict[str, Any]], margin_s:
             "p50_near_ms": percentile(near, 50), "p50_steady_ms": percentile(steady, 50)}
 
 
-# --------------------------------------------------------------------------- targets and report
-
-
-def _best(points: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return max(points, key=lambda p: p["rps"]) if points else None
-
-
-def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of the issue with what was measured; ``met`` is None where it cannot be judged,
-    ``applies`` is False for the other device's targets (shown for information)."""
-    cuda = r["device"] == "cuda"
-    hs = r["headswap"]["points"]
-    best = _best(hs)
-    bare = r["bare"]["best"]["images_per_s"]
-    ref = _best(r.get("reference", {}).get("points", []))
-    top = hs[-1]
-    out = [
-        _ratio("headswap req/s ≥ 0.85 × bare model's best images/s", best["rps"], bare, 0.85, not cuda,
-               f"{best['rps']:.1f} req/s (c={best['concurrency']}) vs {bare:.1f} images/s"),
-        _ratio("headswap req/s ≥ 1.3 × plain LitServe reference", best["rps"], ref["rps"] if ref else None, 1.3, not cuda,
-               f"{best['rps']:.1f} vs {ref['rps']:.1f} req/s (c={ref['concurrency']})" if ref else "reference not run"),
-        _ratio(f"mean executed batch ≥ 75% of max batch ({r['settings']['max_batch_size']}) at saturation",
-               top["mean_batch"] or 0.0, r["settings"]["max_batch_size"], 0.75, not cuda,
-               f"{(top['mean_batch'] or 0):.2f} at c={top['concurrency']}"),
-    ]
-    c1 = next((p for p in hs if p["concurrency"] == 1), None)
-    budget = r["bare"]["batch1_ms"] + r["decode"]["one_thread"]["ms_per_image"] + 5
-    out.append({"name": "p50 at concurrency 1 ≤ bare batch-1 forward + decode + 5 ms", "applies": not cuda,
-                "required": f"≤ {budget:.1f} ms ({r['bare']['batch1_ms']:.1f} + {r['decode']['one_thread']['ms_per_image']:.1f} + 5)",
-                "measured": f"{c1['p50_ms']:.1f} ms" if c1 else "not run", "ratio": c1["p50_ms"] / budget if c1 else None,
-                "met": (c1["p50_ms"] <= budget) if c1 else None})
-    nothing = r["stack"]["do_nothing"]["rps"]
-    ceiling = min(bare, r["decode"]["capacity"]["images_per_s"], nothing)
-    out.append(_ratio("GPU: end to end ≥ 0.70 × min(bare, decode capacity, do-nothing endpoint)", best["rps"], ceiling, 0.70, cuda,
-                      f"{best['rps']:.1f} vs min({bare:.1f}, {r['decode']['capacity']['images_per_s']:.1f}, {nothing:.1f})"))
-    one = next((v for v in r.get("variants", []) if v["max_batch_size"] == 1), None)
-    same = next((p for p in hs if one and p["concurrency"] == one["points"][0]["concurrency"]), None)
-    out.append(_ratio("GPU: batching ≥ 3 × req/s of max batch size 1", same["rps"] if same else 0.0,
-                      one["points"][0]["rps"] if one else None, 3.0, cuda,
-                      f"{same['rps']:.1f} vs {one['points'][0]['rps']:.1f} req/s at c={same['concurrency']}" if one and same else "not run"))
-    sw = r["swap"]
-    out.append({"name": "swap: 0 failed requests", "applies": True, "required": "0", "measured": str(sw["failed"]),
-                "ratio": None, "met": sw["failed"] == 0 and all(s["status"] == 200 for s in sw["swaps"])})
-    out.append(_ratio("swap: p99 around a swap ≤ 2 × steady p99", sw["p99_near_ms"], sw["p99_steady_ms"], 2.0, True,
-                      f"{sw['p99_near_ms']:.1f} vs {sw['p99_steady_ms']:.1f} ms", at_most=True))
-    return out
-
-
-def _ratio(name: str, measured: float, reference: float | None, bound: float, applies: bool, detail: str,
-           at_most: bool = False) -> dict[str, Any]:
-    ratio = measured / reference if reference else None
-    met = None if ratio is None or ratio != ratio else (ratio <= bound if at_most else ratio >= bound)
-    return {"name": name, "applies": applies, "required": f"{'≤' if at_most else '≥'} {bound:g}×",
-            "measured": detail, "ratio": ratio, "met": met}
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    return "–" if value is None or value != value else f"{value:.{digits}f}"
-
-
-def _row(system: str, p: dict[str, Any]) -> str:
-    batch = _f(p.get("mean_batch"), 2)
-    return (f"| {system} | {p['concurrency']} | {_f(p['rps'])} | {_f(p['p50_ms'])} | {_f(p['p95_ms'])} | {_f(p['p99_ms'])} "
-            f"| {batch} | {p['failed']} | {_f(p['server_cores'], 2)} | {_f(p['loadgen_cores'], 2)} | {_f(p.get('other_cores'), 2)} |")
-
-
-def render(r: dict[str, Any], figure: str) -> str:
-    """BENCHMARKS.md from the results."""
-    m, s, bare, dec = r["machine"], r["settings"], r["bare"], r["decode"]
-    lines = [
-        "# headswap benchmarks", "",
-        "Generated by `make bench` (`.venv/bin/python -m bench.run`); do not edit by hand. `make bench-quick` "
-        "(`--quick`, under 2 minutes) checks the benchmark itself; `--device cuda` measures resnet50 bf16 on a GPU; "
-        "`python -m bench.run --from-json bench/results.json` re-renders this page and the plot from the raw results.", "",
-        f"**Run:** {r['date']}, {r['mode']} mode, {r['elapsed_s'] / 60:.1f} min.", "",
-        "## Machine", "",
-        "| | |", "|---|---|",
-        f"| CPU | {m['cpu']}, {m['cores']} cores |", f"| Memory | {m['memory_mib'] / 1024:.1f} GiB |",
-        f"| GPU | {m['gpu'] or 'none'} |",
-        f"| Software | Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, litserve {m['litserve']} |",
-        f"| Load average before / after | {' '.join(f'{x:.2f}' for x in m['load_before'])} / "
-        f"{' '.join(f'{x:.2f}' for x in m.get('load_after', []))} |", "",
-        "The *other* column in the tables is the machine's busy cores during the measured window minus the server's "
-        "and the load generator's: other tenants of the machine. Where it is well above 0, the numbers are depressed "
-        "by work this benchmark does not control."
-        + (" Linux autogroup scheduling is on here: CPU time is shared equally between busy sessions, and each server "
-           "runs in a session of its own, so with one other busy session a server gets about half of the machine "
-           "(server cores ≈ other cores ≈ 1 in the table below)." if m.get("autogroup") else ""), "",
-        "## Setup", "",
-        f"- Model: {r['arch']}, {NUM_CLASSES} classes (fresh seeded head), {r['precision']}, {r['memory_format']}, "
-        f"{s['torch_threads_per_worker']} torch threads per worker (`os.cpu_count() // workers`, as the server).",
-        f"- headswap: `headswap serve --max-batch-size {s['max_batch_size']} --workers-per-device {s['workers_per_device']}` "
-        f"(batch timeout {s['batch_timeout_ms']:g} ms, {s['decode_threads']} decode threads: the defaults).",
-        f"- Requests: {r['images']['count']} JPEGs, {r['images']['size']}, {r['images']['kb_min']:.0f}–{r['images']['kb_max']:.0f} KB "
-        f"(mean {r['images']['kb_mean']:.0f} KB), drawn from the built-in `shapes` task with photo-like noise; "
-        "headswap gets raw `image/jpeg` bodies on `/predict`.",
-        "- Plain LitServe reference (`bench/reference_server.py`): LitServe's defaults (1 worker, max batch size 1), "
-        "PIL decode + `eval_transform` in `decode_request`, same checkpoint. LitServe hands `decode_request` only "
-        "`request.json()`, so **the reference receives the same JPEG base64-encoded in JSON** `{\"image\": ...}` "
-        "(33% more bytes and a base64 decode).",
-        "- Load (`bench/loadgen.py`): closed loop, one keep-alive HTTP/1.1 connection per virtual user, over 127.0.0.1, "
-        f"in its own process ({r['plan']['warmup_s']:g} s warm-up, {r['plan']['measure_s']:g} s measured per point). "
-        "Its CPU use is reported: on a small machine it competes with the server.", "",
-        "## Results", "",
-        "| System | Concurrency | Requests/s | p50 ms | p95 ms | p99 ms | Mean batch | Failed | Server cores | Loadgen cores | Other cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [_row("headswap", p) for p in r["headswap"]["points"]]
-    for v in r.get("variants", []):
-        lines += [_row(f"headswap, {v['name']}", p) for p in v["points"]]
-    lines += [_row("plain LitServe (JSON base64)", p) for p in r.get("reference", {}).get("points", [])]
-    lines += [_row("headswap GET /health (HTTP only)", r["stack"]["health"]),
-              _row("headswap do-nothing (HTTP + queue + worker, no decode/forward)", r["stack"]["do_nothing"])]
-    lines += ["", "Mean batch: images per executed forward pass, from the server's `headswap_batch_size` histogram over the "
-              "window. Requests/s counts answers with the expected status (200; 400 for do-nothing, which the worker "
-              "refuses without a forward pass).", "",
-              f"![throughput and latency]({figure})", "",
-              f"### Ceilings", "",
-              f"Bare model ({bare['threads']} threads, ready-made normalised tensors, `torch.inference_mode`):", "",
-              "| Layout | Batch | Images/s | ms per batch | median ms |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {b['layout']} | {b['batch']} | {_f(b['images_per_s'])} | {_f(b['ms_per_batch'])} | {_f(b['median_ms_per_batch'])} |"
-              for b in bare["runs"]]
-    lines += ["", "Decode (JPEG bytes to normalised tensor, no model):", "",
-              "| Path | Threads | Images/s | ms per image (per thread) |", "|---|---:|---:|---:|",
-              f"| headswap (torchvision decode_jpeg, resize, crop, normalise) | 1 | {_f(dec['one_thread']['images_per_s'])} | {_f(dec['one_thread']['ms_per_image'])} |",
-              f"| headswap, capacity | {dec['capacity']['threads']} | {_f(dec['capacity']['images_per_s'])} | {_f(dec['capacity']['ms_per_image'])} |",
-              f"| reference (PIL open + eval_transform) | 1 | {_f(dec['pil_one_thread']['images_per_s'])} | {_f(dec['pil_one_thread']['ms_per_image'])} |",
-              "", "## Targets", "", "| Target | Required | Measured | Ratio | Verdict |", "|---|---|---|---:|---|"]
-    for t in targets(r):
-        verdict = ("n/a (other device)" if not t["applies"] else "not judged" if t["met"] is None
-                   else "**met**" if t["met"] else "**MISSED**")
-        lines.append(f"| {t['name']} | {t['required']} | {t['measured']} | {_f(t['ratio'], 2)} | {verdict} |")
-    missed = [t["name"] for t in targets(r) if t["applies"] and t["met"] is False]
-    lines += ["", f"**{len(missed)} target(s) missed:** " + "; ".join(missed) + "." if missed else "**All targets met.**", ""]
-    lines += _swap_section(r["swap"], next((p for p in r["headswap"]["points"] if p["concurrency"] == r["swap"]["concurrency"]), None))
-    top = r["headswap"]["points"][-1]
-    roles = ", ".join(f"{role} {cores:.2f}" for role, cores in top["server_cores_by_role"].items())
-    lines += ["## Cold start", "",
-              f"Process start to `/ready` 200: headswap {r['headswap']['cold_start_s']:.1f} s"
-              + "".join(f", {v['name']} {v['cold_start_s']:.1f} s" for v in r.get("variants", []))
-              + (f"; plain LitServe to `/health` 200: {r['reference']['cold_start_s']:.1f} s." if r.get("reference") else "."), "",
-              "## Where the CPU goes at saturation", "",
-              f"headswap at concurrency {top['concurrency']}: server {top['server_cores']:.2f} cores ({roles}), "
-              f"load generator {top['loadgen_cores']:.2f}, other tenants {_f(top.get('other_cores'), 2)}, "
-              f"of {m['cores']}. Roles: *worker* runs the forward pass; *api* is the uvicorn process (HTTP, decode threads); "
-              "*manager* is LitServe's multiprocessing manager that carries the request/response queues; *main* is the "
-              "parent process.", "",
-              "Server CPU per answered request (core-milliseconds): " + ", ".join(
-                  f"{label} {1000 * p['server_cores'] / p['rps']:.1f}" + (
-                      f" (worker {1000 * p['server_cores_by_role'].get('worker', 0) / p['rps']:.1f}, "
-                      f"api {1000 * p['server_cores_by_role'].get('api', 0) / p['rps']:.1f}, "
-                      f"manager {1000 * p['server_cores_by_role'].get('manager', 0) / p['rps']:.1f})")
-                  for label, p in (("headswap at saturation", top), ("do-nothing", r["stack"]["do_nothing"]),
-                                   ("GET /health", r["stack"]["health"])) if p["rps"]) + ".", ""]
-    return "\n".join(lines)
-
-
-def _swap_section(sw: dict[str, Any], sweep_point: dict[str, Any] | None) -> list[str]:
-    lines = ["## Swap under load", "",
-             f"Closed loop at concurrency {sw['concurrency']}, {sw['requests']} requests, {len(sw['swaps'])} swap(s) through "
-             "`POST /admin/load`; *around* a swap means requests in flight from "
-             f"{sw['margin_s']:g} s before the admin call to {sw['margin_s']:g} s after it returned.", "",
-             "| Checkpoint | Status | Admin call to all workers switched | server's own count (`seconds`) "
-             "| First new-version answer | Last old-version answer |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for x in sw["swaps"]:
-        lines.append(f"| {x['checkpoint']} | {x['status']} | {_f(x['client_s'], 2)} s | {_f(x['seconds'], 2)} s "
-                     f"| {_f(x['first_new_after_s'], 2)} s | {_f(x['last_old_after_s'], 2)} s |")
-    lines += ["", "The admin call returns once every worker has switched, so its wall time is the swap time; the response's "
-              "`seconds` is the server's own count of the same span (validation, publishing, every worker's "
-              "acknowledgement) without the HTTP round trip. Answer times are from the admin call's start."]
-    errors = f" ({', '.join(f'{k}: {v}' for k, v in sw['errors'].items())})" if sw["errors"] else ""
-    lines += ["", f"Failed requests: **{sw['failed']}**{errors}. p50/p99 around swaps "
-              f"{_f(sw['p50_near_ms'])}/{_f(sw['p99_near_ms'])} ms ({sw['near_requests']} requests) against steady "
-              f"{_f(sw['p50_steady_ms'])}/{_f(sw['p99_steady_ms'])} ms ({sw['steady_requests']} requests) in the same run"
-              + (f"; the sweep's p50/p99 at this concurrency was {_f(sweep_point['p50_ms'])}/{_f(sweep_point['p99_ms'])} ms."
-                 if sweep_point else "."), ""]
-    return lines
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -598,10 +420,10 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) // plan.workers)  # the server's own budget per worker
     results: dict[str, Any] = {
         "version": 1, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "mode": plan.mode, "device": plan.device,
-        "arch": plan.arch, "precision": plan.precision, "memory_format": "channels_last",
+        "arch": plan.arch, "num_classes": NUM_CLASSES, "precision": plan.precision, "memory_format": "channels_last",
         "machine": describe_machine(plan.device), "plan": asdict(plan),
         "settings": {"max_batch_size": plan.max_batch_size, "workers_per_device": plan.workers, "batch_timeout_ms": 2.0,
-                     "decode_threads": 4, "torch_threads_per_worker": threads}}
+                     "decode_threads": 4, "torch_threads_per_worker": threads, "decode_on": plan.decode_on}}
     swap_names = [f"swap{i + 1}" for i in range(plan.swaps)]
     say(f"checkpoints: {plan.arch}, {NUM_CLASSES} classes (base + {', '.join(swap_names)})")
     versions = make_checkpoints(work / "store", plan.arch, ["base", *swap_names])
@@ -690,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="", help="default: resnet18 on cpu, resnet50 on cuda")
     parser.add_argument("--max-batch-size", type=int, default=0, help="server max batch size (default 16 cpu, 32 cuda)")
     parser.add_argument("--workers", type=int, default=1, help="server workers per device")
+    parser.add_argument("--decode-on", choices=("api", "worker"), default="api", help="the server's --decode-on")
     parser.add_argument("--out", default="", help="report (default BENCHMARKS.md; build/bench-quick/ for --quick)")
     parser.add_argument("--results", default="", help="raw results (default bench/results.json)")
     parser.add_argument("--plot", default="", help="figure (default bench/throughput.png)")

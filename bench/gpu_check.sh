@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared run for a machine with a CUDA device and no network.
+#
+#   bench/gpu_check.sh wheels     # here, with network: the serving stack's wheels into .whl/ (cp312)
+#   bench/gpu_check.sh run        # there: CUDA tests, then the quick GPU benchmark, decode on API vs worker
+#
+# The GPU machine is expected to have python3 with torch, torchvision, numpy, pillow, requests,
+# matplotlib and prometheus-client; everything else travels in .whl/. Results go to $OUT
+# (default build/gpu-check): the test log, BENCHMARKS-gpu*.md and results-gpu*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACKAGES=(litserve fastapi starlette uvicorn pydantic pydantic_core python-multipart annotated-types
+          typing-inspection annotated-doc pyzmq opentelemetry-api importlib-metadata)
+
+case "${1:-}" in
+wheels)
+    pins=()
+    for name in "${PACKAGES[@]}"; do
+        pins+=("$(.venv/bin/pip freeze | grep -i "^${name//_/[-_]}==")")
+    done
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${pins[@]}"
+    ls .whl
+    ;;
+run)
+    OUT=${OUT:-build/gpu-check}
+    mkdir -p "$OUT"
+    python3 -m venv --system-site-packages /tmp/headswap-venv
+    PY=/tmp/headswap-venv/bin/python
+    $PY -m pip install --quiet --no-index --no-deps .whl/*.whl
+    $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    PYTHONUNBUFFERED=1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_on_worker.py \
+        2>&1 | tee "$OUT/cuda-tests.log"
+    for decode in api worker; do
+        PYTHONUNBUFFERED=1 $PY -m bench.run --device cuda --quick --decode-on "$decode" \
+            --out "$OUT/BENCHMARKS-gpu-$decode.md" --results "$OUT/results-gpu-$decode.json" --plot "$OUT/gpu-$decode.png"
+    done
+    ;;
+*)
+    echo "usage: $0 wheels|run" >&2
+    exit 2
+    ;;
+esac
