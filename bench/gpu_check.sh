@@ -10,13 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(litserve fastapi starlette uvicorn pydantic pydantic_core python-multipart annotated-types
-          typing-inspection annotated-doc pyzmq opentelemetry-api importlib-metadata)
+          typing-inspection annotated-doc pyzmq opentelemetry-api)
 
 case "${1:-}" in
 wheels)
     pins=()
+    frozen=$(.venv/bin/pip freeze)  # the versions the tests ran with (make test installs them)
     for name in "${PACKAGES[@]}"; do
-        pins+=("$(.venv/bin/pip freeze | grep -i "^${name//_/[-_]}==")")
+        pattern=${name//[-_]/[-_]}
+        pins+=("$(grep -i "^${pattern}==" <<<"$frozen")") || { echo "$name is not installed in .venv" >&2; exit 1; }
     done
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
