@@ -10,8 +10,9 @@ and the size of the metrics folder. The summary goes to stdout and to ``--out`` 
     .venv/bin/python -m bench.soak --requests 2000 --swap-every 400 --sample-every 200   # a quick check
 
 Run it from the repository root with ``-m``: it reuses ``tests/server.py`` to start and stop the
-server. A short run's RSS verdicts are not meaningful: each API server keeps ~150 MiB more after
-the first admin load it handles, and a short warm-up ends before that.
+server. A short run's RSS verdicts are not meaningful: each API server keeps ~40 MiB more after
+the first admin load it handles, each worker ~150 MiB more until its cache of warm versions is
+full (4), and a short warm-up ends before that.
 
 Exits 1 when a judgement fails: any request that is not a 200, any admin call that fails, a
 process that died or was replaced, RSS after warm-up spreading more than ``--rss-bound-mib`` or
