@@ -72,7 +72,8 @@ class AdminRoutes:
             "stable": state.stable.public(), "canary": state.canary.public() if state.canary else None,
             "canary_weight": state.weight if state.canary else 0, "shadow": state.shadow if state.canary else 0,
             "previous_stable": state.previous_stable.version if state.previous_stable else None,
-            "rollout_error": state.rollout_error, "workers": workers, "guard": self.guard_settings,
+            "rollout_error": state.rollout_error, "last_rejection": self.shared.last_rejection(),
+            "workers": workers, "guard": self.guard_settings,
             "converged": bool(workers) and all(w["generation"] >= state.generation and not w["error"] for w in workers.values()),
         })
 

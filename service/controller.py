@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -138,12 +138,12 @@ class Controller:
         target = current.slots().get(req.slot) or current.stable
         got, want = candidate.spec.meta, target.meta
         if got["arch"] != want["arch"]:
-            self._reject(req.slot, Conflict(f"architecture {got['arch']} does not match the {req.slot} slot's {want['arch']}",
+            self._reject(req.slot, req.checkpoint, Conflict(f"architecture {got['arch']} does not match the {req.slot} slot's {want['arch']}",
                                             reason="arch"))
         if got["num_classes"] != want["num_classes"] and not (
             req.mode == "replace" and (req.allow_new_classes or (req.slot == "canary" and current.canary is None))
         ):
-            self._reject(req.slot, Conflict(
+            self._reject(req.slot, req.checkpoint, Conflict(
                 f"{got['num_classes']} classes where the {req.slot} slot has {want['num_classes']}: allowed only for "
                 "mode 'replace' onto an empty canary or with \"allow_new_classes\": true", reason="classes"))
         return candidate
@@ -152,12 +152,14 @@ class Controller:
         try:
             return self.materialize(checkpoint, merges, min_match=min_match)
         except RequestError as exc:
-            self._reject(slot, exc)
-            raise  # unreachable: _reject raises
+            self._reject(slot, merges[-1] if merges else checkpoint, exc)
         finally:
             release_freed_memory()
 
-    def _reject(self, slot: str, exc: RequestError) -> None:
+    def _reject(self, slot: str, checkpoint: str, exc: RequestError) -> NoReturn:
+        """Count and record a refused checkpoint (GET /admin/models shows the last one), then raise."""
+        self.shared.record_rejection({"at": utc_now(), "slot": slot, "checkpoint": checkpoint, "status": exc.status,
+                                      "reason": exc.reason, "error": str(exc)})
         self._emit("swap", slot=slot, result="rejected")
         raise exc
 

@@ -146,6 +146,16 @@ class SharedState:
                 found[path.stem] = WorkerAck(**json.loads(path.read_text()))
         return found
 
+    def record_rejection(self, rejection: dict[str, Any]) -> None:
+        """The last refused checkpoint (admin load or rollout spec); it changes nothing else."""
+        atomic_write(self.root / "rejection.json", json.dumps(rejection))
+
+    def last_rejection(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / "rejection.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def wait_for(self, generation: int, workers: int, timeout: float) -> dict[str, WorkerAck]:
         """Wait until ``workers`` workers acknowledged ``generation`` (or any reported an error)."""
         deadline = time.monotonic() + timeout

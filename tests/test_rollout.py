@@ -73,6 +73,15 @@ def test_rollout_file_drives_two_servers_to_the_same_versions(store: Path, tmp_p
             assert "not valid YAML" in models_of(b)["rollout_error"]
             assert predict(b).headers["X-Model-Version"] == merged
             assert "headswap_rollout_errors_total 1.0" in requests.get(f"{b.url}/metrics").text
+            # so does a spec naming a corrupt checkpoint, which is also the last rejection
+            (store / "cut.safetensors").write_bytes((store / "v2.safetensors").read_bytes()[:4096])
+            spec.write_text(yaml.safe_dump({"revision": "r3", "stable": {"checkpoint": "cut.safetensors"}}))
+            wait_for(lambda: (models_of(b)["last_rejection"] or {}).get("checkpoint") == "cut.safetensors")
+            rejection = models_of(b)["last_rejection"]
+            assert (rejection["status"], rejection["slot"]) == (422, "stable") and "corrupt" in rejection["error"]
+            assert "cut.safetensors" in models_of(b)["rollout_error"]
+            assert models_of(b)["stable"]["version"] == merged and models_of(b)["revision"] == "r2"
+            assert predict(b).headers["X-Model-Version"] == merged
 
 
 def test_read_only_rollout_file_refuses_admin_mutations(store: Path, tmp_path: Path) -> None:
