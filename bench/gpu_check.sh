@@ -33,11 +33,13 @@ run)
     $PY -m pip install --quiet --no-index --no-deps .whl/*.whl
     $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    # A failure is reported and the next step still runs: device time is scarce.
     PYTHONUNBUFFERED=1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_on_worker.py \
-        2>&1 | tee "$OUT/cuda-tests.log"
+        2>&1 | tee "$OUT/cuda-tests.log" || echo "CUDA tests FAILED (see cuda-tests.log); benchmarking anyway"
     for decode in api worker; do
         PYTHONUNBUFFERED=1 $PY -m bench.run --device cuda --quick --decode-on "$decode" \
-            --out "$OUT/BENCHMARKS-gpu-$decode.md" --results "$OUT/results-gpu-$decode.json" --plot "$OUT/gpu-$decode.png"
+            --out "$OUT/BENCHMARKS-gpu-$decode.md" --results "$OUT/results-gpu-$decode.json" --plot "$OUT/gpu-$decode.png" \
+            || echo "benchmark with --decode-on $decode FAILED"
     done
     ;;
 *)

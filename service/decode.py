@@ -26,6 +26,7 @@ from service.errors import PayloadTooLarge, RequestError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_ASPECT = 32
+DEVICE_MAX_PIXELS = 4096 * 4096  # larger JPEGs are decoded by the API servers, one at a time
 EXIF_ORIENTATION = 0x0112
 _SOURCE_LOCATION = re.compile(r"\S*\.(?:cpp|h|c):\d+:?")  # torchvision's C++ file:line in its errors
 
@@ -52,15 +53,54 @@ def decode_checked(data: bytes, image: Image.Image) -> torch.Tensor:
     return _decode_pil(image)
 
 
-def device_decodable(image: Image.Image) -> bool:
-    """A JPEG that nvJPEG decodes to the same pixels as the CPU path: RGB or grey, no EXIF rotation
-    (torchvision applies EXIF orientation on the CPU only)."""
-    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+def device_decodable(data: bytes, image: Image.Image) -> bool:
+    """Whether the worker may decode ``data`` (accepted by ``check_image`` as ``image``) on its device.
+
+    Only plain files go there: a sequential Huffman JPEG (nvJPEG decodes progressive ones on the
+    CPU, one at a time) in RGB or grey, with one frame header that declares the size the limits
+    were checked against (a second one could declare a bomb), at most DEVICE_MAX_PIXELS, ending
+    with its end-of-image marker (nvJPEG may decode a truncated file without an error), and no
+    EXIF rotation (torchvision applies it on the CPU only). Anything else is decoded by the API
+    server as usual.
+    """
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or not data.endswith(b"\xff\xd9"):
+        return False
+    frames = _frame_headers(data)
+    if frames is None or len(frames) != 1:
+        return False
+    marker, height, width = frames[0]
+    if marker not in (0xC0, 0xC1) or (width, height) != image.size or width * height > DEVICE_MAX_PIXELS:
         return False
     try:
         return image.getexif().get(EXIF_ORIENTATION, 1) == 1
     except (OSError, ValueError, SyntaxError, struct.error):  # malformed EXIF: let the CPU path judge it
         return False
+
+
+def _frame_headers(data: bytes) -> list[tuple[int, int, int]] | None:
+    """(marker, height, width) of every start-of-frame segment before the first start-of-scan;
+    None when the marker stream is malformed or has no scan."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, frames = 2, []
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return frames
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if length < 7 or pos + 9 > len(data):
+                return None
+            frames.append((marker, int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")))
+        pos += 2 + length
+    return None
 
 
 def check_image(data: bytes, limits: DecodeLimits) -> Image.Image:
@@ -117,12 +157,18 @@ def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor 
         with jpeg_errors():
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
     out: list[torch.Tensor | RequestError] = []
-    for tensor in tensors:
+    for data, tensor in zip(blobs, tensors):
         try:
             with jpeg_errors():
                 out.append(decode_jpeg([tensor], mode=ImageReadMode.RGB, device=device)[0])
         except RequestError as exc:
-            out.append(exc)
+            if device.type == "cpu":
+                out.append(exc)
+                continue
+            try:  # nvJPEG refuses some valid files (arithmetic coding, rare subsamplings): libjpeg decides
+                out.append(_decode_jpeg(data).to(device))
+            except RequestError as cpu_exc:
+                out.append(cpu_exc)
     return out
 
 
@@ -135,6 +181,8 @@ def jpeg_errors() -> Iterator[None]:
             warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
             yield
     except (RuntimeError, UserWarning) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "CUDA" in str(exc):
+            raise  # the device failed, not the file: a 5xx for the batch, never the client's fault
         # torchvision says "decode_jpeg, <file.cpp:line>, <what>": keep only what went wrong
         parts = [p.strip() for p in _SOURCE_LOCATION.sub("", str(exc).splitlines()[0]).split(",") if p.strip()]
         detail = (parts[-1] if parts else "undecodable")[:200]

@@ -118,7 +118,7 @@ class Dispatcher:
 
 def _prepare(data: bytes, limits: DecodeLimits, meta: CheckpointMeta, on_worker: bool) -> torch.Tensor | bytes:
     image = check_image(data, limits)
-    if on_worker and device_decodable(image):
+    if on_worker and device_decodable(data, image):
         return data
     return resize_crop(meta)(decode_checked(data, image)).contiguous()
 

@@ -138,8 +138,9 @@ class Engine:
         errors: list[RequestError | None] = []
         norm = normalize(meta)
         jpegs = [item.jpeg for item in items if item.image is None]
-        decoded = iter(decode_jpegs(jpegs, self.device) if jpegs else [])
-        self.decoded += len(jpegs)
+        results = decode_jpegs(jpegs, self.device) if jpegs else []
+        self.decoded += sum(isinstance(r, torch.Tensor) for r in results)
+        decoded = iter(results)
         for item in items:
             image = next(decoded) if item.image is None else item.image.to(self.device, non_blocking=True)
             if isinstance(image, RequestError):

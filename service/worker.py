@@ -168,7 +168,10 @@ class InferenceLoop(BatchedLoop):
             if batch:
                 started = time.monotonic()
                 responses = self._answer(lit_api, [p for _, _, p in batch])
-                lit_api.observe(len(batch))  # before the answers: a client that has one sees it counted
+                try:  # before the answers: a client that has one sees it counted
+                    lit_api.observe(len(batch))
+                except Exception:  # metrics must never cost answers
+                    log.exception("recording batch metrics failed")
                 for (response_queue_id, uid, _), response in zip(batch, responses):
                     response.update(batch_size=len(batch), started=started, finished=time.monotonic())
                     self._send(transport, response_queue_id, uid, response)

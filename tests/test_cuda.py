@@ -21,8 +21,10 @@ from models import eval_transform, load_checkpoint, load_classifier
 from models.transforms import resize_crop
 from service.decode import DecodeLimits, decode_image, decode_jpegs
 from service.engine import Engine, Item
-from tests.images import jpeg
+from service.errors import RequestError
+from tests.images import encode, jpeg, photo
 from tests.server import Server, run_server
+from tests.test_decode_on_worker import _bogus_huffman_table, _worker_decoded
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -37,9 +39,11 @@ def _offline(checkpoint: Path) -> np.ndarray:
 
 
 @cuda
-def test_nvjpeg_decodes_like_the_cpu() -> None:
-    out = decode_jpegs(IMAGES, torch.device("cuda"))
-    for data, got in zip(IMAGES, out):
+def test_nvjpeg_decodes_like_the_cpu_and_refuses_a_corrupt_file_alone() -> None:
+    grey = encode(photo(20).convert("L"), "JPEG")
+    out = decode_jpegs([*IMAGES, grey, _bogus_huffman_table(IMAGES[0])], torch.device("cuda"))
+    assert isinstance(out[-1], RequestError) and out[-1].status == 400
+    for data, got in zip([*IMAGES, grey], out):
         assert isinstance(got, torch.Tensor) and got.device.type == "cuda"
         cpu = decode_image(data, DecodeLimits())
         assert got.shape == cpu.shape
@@ -65,18 +69,21 @@ def test_bf16_engine_agrees_with_the_fp32_cpu_model(resnet18_ckpt: Path, device:
 
 
 @pytest.fixture(scope="module", params=["api", "worker"])
-def gpu_server(request: pytest.FixtureRequest, resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gpu_server(request: pytest.FixtureRequest, resnet18_ckpt: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     with run_server(resnet18_ckpt, tmp_path_factory.mktemp("cuda"), "--device", "cuda", "--precision", "bf16",
                     "--decode-on", request.param) as srv:
-        yield srv
+        yield srv, request.param
 
 
 @cuda
-def test_server_on_the_gpu_agrees_with_the_offline_model(gpu_server: Server, resnet18_ckpt: Path) -> None:
+def test_server_on_the_gpu_agrees_with_the_offline_model(gpu_server: tuple[Server, str], resnet18_ckpt: Path) -> None:
+    server, decode_on = gpu_server
     expected = _offline(resnet18_ckpt)
     for data, row in zip(IMAGES, expected):
-        response = requests.post(f"{gpu_server.url}/predict?top_k=7", data=data, headers={"Content-Type": "image/jpeg"})
+        response = requests.post(f"{server.url}/predict?top_k=7", data=data, headers={"Content-Type": "image/jpeg"})
         assert response.status_code == 200, response.text
         for p in response.json()["predictions"]:
             assert p["score"] == pytest.approx(float(row[p["index"]]), abs=0.05)
-    assert "device cuda" in gpu_server.log.read_text()
+    assert "device cuda" in server.log.read_text()
+    assert _worker_decoded(server) == (len(IMAGES) if decode_on == "worker" else 0)

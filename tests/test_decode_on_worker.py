@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from models import eval_transform, load_classifier
+from service import decode
 from service.decode import DecodeLimits, check_image, decode_image, decode_jpegs, device_decodable
 from service.errors import RequestError
 from tests.images import encode, jpeg, photo
@@ -35,21 +36,52 @@ def _rotated_jpeg() -> bytes:
     return encode(photo(3, (300, 200)), "JPEG", quality=95, exif=exif.tobytes())
 
 
+def _bogus_huffman_table(data: bytes) -> bytes:
+    """Every header a parser reads intact, but a Huffman table with impossible code counts: a file
+    only a decoder finds corrupt."""
+    out = bytearray(data)
+    at = out.index(b"\xff\xc4")  # DHT: marker, length (2), class/id (1), 16 code counts
+    out[at + 5:at + 21] = b"\xff" * 16
+    return bytes(out)
+
+
+def _second_frame_header(data: bytes, width: int = 60000, height: int = 60000) -> bytes:
+    """An extra start-of-frame segment declaring a bomb before the real one (PIL reads the last)."""
+    sof = b"\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    return data[:2] + sof + data[2:]
+
+
 @pytest.mark.parametrize("data, expected", [
     (jpeg(1), True),
     (encode(photo(2).convert("L"), "JPEG"), True),
-    (encode(photo(2), "JPEG", progressive=True), True),
+    (_bogus_huffman_table(jpeg(1)), True),  # the worker finds it corrupt (test below)
+    (encode(photo(2), "JPEG", progressive=True), False),
     (encode(photo(2).convert("CMYK"), "JPEG"), False),
     (_rotated_jpeg(), False),
+    (jpeg(1)[: len(jpeg(1)) // 2], False),
+    (_second_frame_header(jpeg(1)), False),
     (encode(photo(2), "PNG"), False),
-], ids=["rgb", "grey", "progressive", "cmyk", "exif-rotated", "png"])
+], ids=["rgb", "grey", "bogus-huffman-table", "progressive", "cmyk", "exif-rotated", "truncated", "two-frame-headers", "png"])
 def test_which_images_the_device_decodes(data: bytes, expected: bool) -> None:
-    assert device_decodable(check_image(data, DecodeLimits())) is expected
+    assert device_decodable(data, check_image(data, DecodeLimits())) is expected
+
+
+def test_large_jpegs_stay_with_the_api_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = jpeg(1, (64, 48))
+    assert device_decodable(data, check_image(data, DecodeLimits()))
+    monkeypatch.setattr(decode, "DEVICE_MAX_PIXELS", 64 * 48 - 1)
+    assert not device_decodable(data, check_image(data, DecodeLimits()))
+
+
+def test_a_second_frame_header_is_refused_by_the_api_path() -> None:
+    with pytest.raises(RequestError) as info:
+        decode_image(_second_frame_header(jpeg(1)), DecodeLimits())
+    assert info.value.status == 400
 
 
 def test_batched_device_decode_matches_the_api_path_and_isolates_a_corrupt_jpeg() -> None:
     good = [jpeg(1), encode(photo(2).convert("L"), "JPEG"), jpeg(3, (64, 48))]
-    corrupt = good[0][: len(good[0]) // 3]
+    corrupt = _bogus_huffman_table(good[0])
     out = decode_jpegs([good[0], corrupt, good[1], good[2]], CPU)
     assert isinstance(out[1], RequestError) and out[1].status == 400 and str(out[1]).startswith("corrupt JPEG")
     for data, got in zip(good, [out[0], out[2], out[3]]):
@@ -65,7 +97,7 @@ def test_a_batch_of_good_jpegs_decodes_in_one_call() -> None:
 @pytest.fixture(scope="module")
 def worker_decode(resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with run_server(resnet18_ckpt, tmp_path_factory.mktemp("decode-on-worker"), "--decode-on", "worker",
-                    "--workers-per-device", "1", "--max-batch-size", "8", "--batch-timeout-ms", "50") as srv:
+                    "--device", "cpu", "--precision", "fp32", "--workers-per-device", "1", "--max-batch-size", "8", "--batch-timeout-ms", "50") as srv:
         yield srv
 
 
@@ -96,7 +128,7 @@ def test_answers_agree_with_the_offline_model(worker_decode: Server, resnet18_ck
 
 def test_a_corrupt_jpeg_in_a_batch_fails_alone(worker_decode: Server) -> None:
     good = jpeg(8)
-    bad = good[: len(good) // 3]  # its header passes the API server's check; the worker finds it corrupt
+    bad = _bogus_huffman_table(good)  # its headers pass the API server's checks; the worker finds it corrupt
     bodies = [bad if i == 5 else good for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(lambda b: requests.post(f"{worker_decode.url}/predict", data=b,
