@@ -152,14 +152,14 @@ class Controller:
         try:
             return self.materialize(checkpoint, merges, min_match=min_match)
         except RequestError as exc:
-            self._reject(slot, merges[-1] if merges else checkpoint, exc)
+            self._reject(slot, checkpoint, exc, merges)
         finally:
             release_freed_memory()
 
-    def _reject(self, slot: str, checkpoint: str, exc: RequestError) -> NoReturn:
+    def _reject(self, slot: str, checkpoint: str, exc: RequestError, merges: tuple[str, ...] = ()) -> NoReturn:
         """Count and record a refused checkpoint (GET /admin/models shows the last one), then raise."""
-        self.shared.record_rejection({"at": utc_now(), "slot": slot, "checkpoint": checkpoint, "status": exc.status,
-                                      "reason": exc.reason, "error": str(exc)})
+        self.shared.record_rejection({"at": utc_now(), "slot": slot, "checkpoint": checkpoint, "merges": list(merges),
+                                      "status": exc.status, "reason": exc.reason, "error": str(exc)})
         self._emit("swap", slot=slot, result="rejected")
         raise exc
 
