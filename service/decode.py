@@ -153,9 +153,8 @@ def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor 
     on ``device`` (nvJPEG, batched, on CUDA). A batch that fails is decoded one by one, so a corrupt
     image gets its own RequestError and the others their pixels."""
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    with contextlib.suppress(RequestError):
-        with jpeg_errors():
-            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    with contextlib.suppress(RequestError), jpeg_errors():
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
     out: list[torch.Tensor | RequestError] = []
     for data, tensor in zip(blobs, tensors):
         try:

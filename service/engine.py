@@ -164,7 +164,7 @@ class Engine:
         Image.new("RGB", (16, 16)).save(buf, format="JPEG")
         result = decode_jpegs([buf.getvalue()], self.device)[0]
         if isinstance(result, RequestError):
-            raise RuntimeError(f"{self.device} cannot decode JPEGs: {result}")
+            raise RuntimeError(f"{self.device} cannot decode JPEGs: {result}")  # noqa: TRY004 - the device failed, not an argument
 
     def _warm_up(self, loaded: Loaded) -> None:
         size = loaded.meta.input_size

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-import service.dispatch as dispatch
+from service import dispatch
 from service.decode import DecodeLimits
 from service.errors import GatewayTimeout
 from service.worker import InferenceLoop

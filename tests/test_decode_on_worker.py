@@ -109,7 +109,7 @@ def _offline(checkpoint: Path, data: bytes) -> np.ndarray:
 
 def _worker_decoded(srv: Server) -> float:
     text = requests.get(f"{srv.url}/metrics").text
-    found = re.search(r"^headswap_worker_decoded_images_total (\S+)$", text, re.M)
+    found = re.search(r"^headswap_worker_decoded_images_total (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 
