@@ -39,8 +39,9 @@ class Settings:
     max_image_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)")
     timeout_s: float = _opt(30.0, "longest a request may wait for its answer before a 504")
     decode_threads: int = _opt(4, "image decode threads per API server process")
-    decode_on: str = _opt("api", "where JPEGs in RGB or grey are decoded and resized: api (the API servers' decode "
-                          "threads) or worker (the inference worker, on its device: nvJPEG on a GPU)", ("api", "worker"))
+    decode_on: str = _opt("api", "where plain JPEGs are decoded and resized: api (the API servers' decode threads) or "
+                          "worker (the inference worker, on its device: nvJPEG on a GPU; other images stay with the "
+                          "API servers)", ("api", "worker"))
     log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
     admin_token_file: str = _opt("", "file holding the admin API bearer token (or set HEADSWAP_ADMIN_TOKEN); none: admin off")
     admin_port: int = _opt(0, "serve /admin on this separate port only (0: on the main port)")
