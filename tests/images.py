@@ -23,3 +23,12 @@ def encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:
 
 def jpeg(seed: int, size: tuple[int, int] = (500, 375)) -> bytes:
     return encode(photo(seed, size), "JPEG", quality=90)
+
+
+def bogus_huffman_table(data: bytes) -> bytes:
+    """Every header a parser reads intact, but a Huffman table with impossible code counts: a file
+    only a decoder finds corrupt."""
+    out = bytearray(data)
+    at = out.index(b"\xff\xc4")  # DHT: marker, length (2), class/id (1), 16 code counts
+    out[at + 5:at + 21] = b"\xff" * 16
+    return bytes(out)

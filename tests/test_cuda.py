@@ -7,7 +7,6 @@ GPU benchmark.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,16 +14,16 @@ import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
 
-from models import eval_transform, load_checkpoint, load_classifier
+from models import load_checkpoint
 from models.transforms import resize_crop
 from service.decode import DecodeLimits, decode_image, decode_jpegs
 from service.engine import Engine, Item
 from service.errors import RequestError
-from tests.images import encode, jpeg, photo
+from tests.images import bogus_huffman_table, encode, jpeg, photo
 from tests.server import Server, run_server
-from tests.test_decode_on_worker import _bogus_huffman_table, _worker_decoded
+from tests.test_decode_on_worker import _worker_decoded
+from tests.test_serve_predict import offline_probs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -32,16 +31,13 @@ IMAGES = [jpeg(seed) for seed in range(8)]
 
 
 def _offline(checkpoint: Path) -> np.ndarray:
-    model, meta = load_classifier(checkpoint)
-    with torch.inference_mode():
-        x = torch.stack([eval_transform(meta)(Image.open(io.BytesIO(d))) for d in IMAGES])
-        return model(x).softmax(-1).numpy()
+    return np.stack([offline_probs(checkpoint, d) for d in IMAGES])
 
 
 @cuda
 def test_nvjpeg_decodes_like_the_cpu_and_refuses_a_corrupt_file_alone() -> None:
     grey = encode(photo(20).convert("L"), "JPEG")
-    out = decode_jpegs([*IMAGES, grey, _bogus_huffman_table(IMAGES[0])], torch.device("cuda"))
+    out = decode_jpegs([*IMAGES, grey, bogus_huffman_table(IMAGES[0])], torch.device("cuda"))
     assert isinstance(out[-1], RequestError) and out[-1].status == 400
     for data, got in zip([*IMAGES, grey], out):
         assert isinstance(got, torch.Tensor) and got.device.type == "cuda"

@@ -8,8 +8,6 @@ agreement with the offline model are checked on every machine.
 from __future__ import annotations
 
 import base64
-import io
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,12 +18,13 @@ import requests
 import torch
 from PIL import Image
 
-from models import eval_transform, load_classifier
 from service import decode
 from service.decode import DecodeLimits, check_image, decode_image, decode_jpegs, device_decodable
 from service.errors import RequestError
-from tests.images import encode, jpeg, photo
+from tests.images import bogus_huffman_table, encode, jpeg, photo
 from tests.server import Server, run_server
+from tests.test_hotswap import metric_value
+from tests.test_serve_predict import offline_probs
 
 CPU = torch.device("cpu")
 
@@ -34,15 +33,6 @@ def _rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
     return encode(photo(3, (300, 200)), "JPEG", quality=95, exif=exif.tobytes())
-
-
-def _bogus_huffman_table(data: bytes) -> bytes:
-    """Every header a parser reads intact, but a Huffman table with impossible code counts: a file
-    only a decoder finds corrupt."""
-    out = bytearray(data)
-    at = out.index(b"\xff\xc4")  # DHT: marker, length (2), class/id (1), 16 code counts
-    out[at + 5:at + 21] = b"\xff" * 16
-    return bytes(out)
 
 
 def _second_frame_header(data: bytes, width: int = 60000, height: int = 60000) -> bytes:
@@ -54,7 +44,7 @@ def _second_frame_header(data: bytes, width: int = 60000, height: int = 60000) -
 @pytest.mark.parametrize("data, expected", [
     (jpeg(1), True),
     (encode(photo(2).convert("L"), "JPEG"), True),
-    (_bogus_huffman_table(jpeg(1)), True),  # the worker finds it corrupt (test below)
+    (bogus_huffman_table(jpeg(1)), True),  # the worker finds it corrupt (test below)
     (encode(photo(2), "JPEG", progressive=True), False),
     (encode(photo(2).convert("CMYK"), "JPEG"), False),
     (_rotated_jpeg(), False),
@@ -81,7 +71,7 @@ def test_a_second_frame_header_is_refused_by_the_api_path() -> None:
 
 def test_batched_device_decode_matches_the_api_path_and_isolates_a_corrupt_jpeg() -> None:
     good = [jpeg(1), encode(photo(2).convert("L"), "JPEG"), jpeg(3, (64, 48))]
-    corrupt = _bogus_huffman_table(good[0])
+    corrupt = bogus_huffman_table(good[0])
     out = decode_jpegs([good[0], corrupt, good[1], good[2]], CPU)
     assert isinstance(out[1], RequestError) and out[1].status == 400 and str(out[1]).startswith("corrupt JPEG")
     for data, got in zip(good, [out[0], out[2], out[3]]):
@@ -101,23 +91,15 @@ def worker_decode(resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory)
         yield srv
 
 
-def _offline(checkpoint: Path, data: bytes) -> np.ndarray:
-    model, meta = load_classifier(checkpoint)
-    with torch.inference_mode():
-        return model(eval_transform(meta)(Image.open(io.BytesIO(data))).unsqueeze(0)).softmax(-1)[0].numpy()
-
-
 def _worker_decoded(srv: Server) -> float:
-    text = requests.get(f"{srv.url}/metrics").text
-    found = re.search(r"^headswap_worker_decoded_images_total (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric_value(srv, "headswap_worker_decoded_images_total")
 
 
 @pytest.mark.parametrize("data, on_worker", [(jpeg(6), 1), (jpeg(11, (224, 224)), 1), (_rotated_jpeg(), 0),
                                              (encode(photo(7), "PNG"), 0)],
                          ids=["jpeg", "jpeg-at-input-size", "exif-rotated", "png"])
 def test_answers_agree_with_the_offline_model(worker_decode: Server, resnet18_ckpt: Path, data: bytes, on_worker: int) -> None:
-    expected = _offline(resnet18_ckpt, data)
+    expected = offline_probs(resnet18_ckpt, data)
     before = _worker_decoded(worker_decode)
     response = requests.post(f"{worker_decode.url}/predict?top_k=7", data=data, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 200, response.text
@@ -128,7 +110,7 @@ def test_answers_agree_with_the_offline_model(worker_decode: Server, resnet18_ck
 
 def test_a_corrupt_jpeg_in_a_batch_fails_alone(worker_decode: Server) -> None:
     good = jpeg(8)
-    bad = _bogus_huffman_table(good)  # its headers pass the API server's checks; the worker finds it corrupt
+    bad = bogus_huffman_table(good)  # its headers pass the API server's checks; the worker finds it corrupt
     bodies = [bad if i == 5 else good for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(lambda b: requests.post(f"{worker_decode.url}/predict", data=b,
@@ -149,4 +131,4 @@ def test_v2_bytes_are_decoded_on_the_worker_too(worker_decode: Server, resnet18_
     assert _worker_decoded(worker_decode) - before == 2
     probs = np.array(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, -1)
     for row, d in zip(probs, data):
-        np.testing.assert_allclose(row, _offline(resnet18_ckpt, d), atol=1e-4)
+        np.testing.assert_allclose(row, offline_probs(resnet18_ckpt, d), atol=1e-4)
