@@ -1,7 +1,8 @@
 """Closed-loop HTTP/1.1 load over loopback, light enough to share a 2-core machine with the server.
 
 Each virtual user holds one keep-alive connection and sends its next request as soon as the
-previous answer is in (closed loop). Requests are encoded once, up front; an answer is parsed
+previous answer is in (closed loop). A spec with a ``rate`` runs open loop instead (arrivals on a
+seeded schedule, whatever the server answers: ``bench.openloop``). Requests are encoded once, up front; an answer is parsed
 only as far as its status line, its length and the two headers the benchmark reads
 (``X-Batch-Size``, ``X-Model-Version``). uvloop is used when installed. Everything is bounded:
 a warm-up, a measured window, a cap on the number of requests, a per-request timeout, and the
@@ -9,8 +10,8 @@ target is always 127.0.0.1.
 
 It runs as its own process (``python -m bench.loadgen SPEC.json``, JSON result on stdout), so
 the CPU time it reports is its own. At the edges of the measured window it also samples the
-server's CPU time (``/proc``, every process of the server's session) and, if asked, the
-server's ``/metrics``. ``summarize`` turns the raw records into the table's numbers.
+server's CPU time and resident memory (``/proc``, every process of the server's session) and,
+if asked, the server's ``/metrics``. ``summarize`` turns the raw records into the table's numbers.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"  # loopback only: this tool never sends load anywhere else
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# The series a load run reads from the server's /metrics (summed per series, labels included).
+SERIES = ("headswap_batch_size_sum", "headswap_batch_size_count", "headswap_rejected_total", "headswap_queue_depth",
+          "headswap_inflight_requests")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,29 @@ class LoadSpec:
     sid: int = 0  # the server's session id (its pid when started with start_new_session); 0: no CPU sampling
     metrics_path: str = ""  # e.g. /metrics; "": no scrape
     method: str = "POST"
+    # Open loop (bench.openloop) when rate > 0: Poisson arrivals at ``rate`` per second, seeded,
+    # for warmup_s + measure_s; concurrency is then unused.
+    rate: float = 0.0
+    seed: int = 0
+    drain_s: float = 35.0  # after the last arrival, longest wait for answers still due; the rest are abandoned
+    max_connections: int = 0  # open connections at most (0: what the file-descriptor limit allows)
+    watch_s: float = 0.0  # open loop: read headswap_queue_depth every this many seconds (0: never)
+
+
+def start_load(spec: LoadSpec, workdir: Path) -> subprocess.Popen:
+    """Run ``spec`` in a load-generator process of its own (its CPU time is then its own)."""
+    spec_file = workdir / f"load-{spec.port}-{spec.concurrency}-{time.monotonic_ns()}.json"
+    spec_file.write_text(json.dumps(asdict(spec)))
+    return subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(spec_file)], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish_load(proc: subprocess.Popen, spec: LoadSpec) -> dict[str, Any]:
+    """The result of a ``start_load`` process; raises RuntimeError if it failed."""
+    out, err = proc.communicate(timeout=spec.warmup_s + spec.measure_s + spec.drain_s + 2 * spec.timeout_s + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return json.loads(out)
 
 
 # --------------------------------------------------------------------------- the client
@@ -166,7 +195,7 @@ def _close(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> No
 
 
 def process_cpu(sid: int) -> dict[int, dict[str, Any]]:
-    """CPU seconds (user + system) of every live process in session ``sid``, with its role.
+    """CPU seconds (user + system) and resident bytes of every live process in session ``sid``, with its role.
 
     Roles, for a LitServe server started in its own session: ``main`` (the session leader),
     ``worker`` (spawned by multiprocessing), ``manager`` (the first fork: LitServe's queue
@@ -184,7 +213,7 @@ def process_cpu(sid: int) -> dict[int, dict[str, Any]]:
         except (OSError, ValueError, IndexError):
             continue
         found[int(entry.name)] = {"cpu_s": (int(fields[11]) + int(fields[12])) / CLK_TCK,
-                                  "started": int(fields[19]), "cmdline": cmdline}
+                                  "started": int(fields[19]), "rss_bytes": int(fields[21]) * PAGE, "cmdline": cmdline}
     main = found.get(sid, {}).get("cmdline")
     forks = sorted((info["started"], pid) for pid, info in found.items() if pid != sid and info["cmdline"] == main)
     manager = forks[0][1] if len(forks) > 1 else None
@@ -196,7 +225,7 @@ def process_cpu(sid: int) -> dict[int, dict[str, Any]]:
     return found
 
 
-def scrape(port: int, path: str, prefixes: tuple[str, ...] = ("headswap_batch_size_sum", "headswap_batch_size_count")) -> dict[str, float]:
+def scrape(port: int, path: str, prefixes: tuple[str, ...] = SERIES) -> dict[str, float]:
     """The values of the Prometheus series whose names start with one of ``prefixes``."""
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
@@ -269,9 +298,14 @@ def main(argv: list[str]) -> int:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(measure(spec))
-    for edge in result["edges"]:  # JSON keys must be strings
-        edge["server"] = {str(pid): info for pid, info in edge["server"].items()}
+    if spec.rate > 0:
+        from bench.openloop import measure_open  # noqa: PLC0415 - it imports this module
+
+        result = asyncio.run(measure_open(spec))
+    else:
+        result = asyncio.run(measure(spec))
+        for edge in result["edges"]:  # JSON keys must be strings
+            edge["server"] = {str(pid): info for pid, info in edge["server"].items()}
     json.dump(result, sys.stdout)
     return 0
 
@@ -314,9 +348,12 @@ def summarize(result: dict[str, Any], ok_status: int = 200) -> dict[str, Any]:
     server = cpu_by_role(first["server"], last["server"])
     metrics = {k: last["metrics"].get(k, 0.0) - first["metrics"].get(k, 0.0) for k in last["metrics"]}
     count = metrics.get("headswap_batch_size_count", 0.0)
+    statuses: dict[str, int] = {}
+    for i in inside:
+        statuses[str(rec["status"][i])] = statuses.get(str(rec["status"][i]), 0) + 1
     return {
         "concurrency": result["concurrency"], "seconds": round(wall, 2), "requests": len(inside),
-        "ok": len(ok), "failed": len(inside) - len(ok), "rps": len(ok) / wall,
+        "ok": len(ok), "failed": len(inside) - len(ok), "statuses": statuses, "rps": len(ok) / wall,
         "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99),
         "mean_batch": metrics["headswap_batch_size_sum"] / count if count else None,
         "request_weighted_batch": sum(batches) / len(batches) if batches else None,
