@@ -19,7 +19,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = [("headswap", results["headswap"]["points"], "tab:blue"),
+    series = [("headswap (defaults)" if "flags" in results["settings"] else "headswap", results["headswap"]["points"], "tab:blue"),
               ("plain LitServe (JSON base64)", results.get("reference", {}).get("points", []), "tab:orange")]
     for label, points, colour in series:
         if points:

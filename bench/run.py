@@ -1,8 +1,8 @@
 """``make bench``: how fast headswap serves, against the ceilings and the peer, in one run on one machine.
 
-Measures, in order: the bare model (the ceiling), decode capacity, headswap end to end at
-several concurrencies (with the HTTP-only and do-nothing capacities of its stack), variants
-(max batch 1, two workers), a plain LitServe reference, a hot-swap under load, and cold start.
+Measures, in order: the bare model (the ceiling), decode capacity, headswap with its defaults end
+to end at several concurrencies (with the HTTP-only and do-nothing capacities of its stack), a
+hot-swap under load, labelled variants (other layouts), a plain LitServe reference, and cold start.
 Writes ``bench/results.json``, ``bench/throughput.png`` and ``BENCHMARKS.md``; checks the
 targets and says plainly which are missed.
 
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,17 +38,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.loadgen import LoadSpec, percentile, process_cpu, summarize
+from bench.loadgen import LoadSpec, finish_load, percentile, process_cpu, start_load, summarize
 from bench.report import render
 from models import CheckpointMeta, build_classifier, eval_transform, load_classifier, save_checkpoint
 from models.demo_data import TASKS, draw_image
 from models.transforms import normalize, resize_crop
 from service.decode import DecodeLimits, decode_image
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADSWAP = str(Path(sys.executable).parent / "headswap")
 TOKEN = "bench-admin-token"
 NUM_CLASSES = 10
+DEFAULTS = Settings()  # the server's defaults: the bench passes only what differs from them
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Plan:
     arch: str
     precision: str
     max_batch_size: int
-    workers: int
+    workers: int  # workers per device; 0: the server's own choice
     concurrencies: tuple[int, ...]
     reference_concurrencies: tuple[int, ...]
     warmup_s: float
@@ -71,7 +74,7 @@ class Plan:
     swaps: int
     swap_gap_s: float
     swap_concurrency: int
-    variants: tuple[tuple[str, dict[str, int]], ...]
+    variants: tuple[tuple[str, dict[str, int], tuple[int, ...]], ...]  # label, Plan changes, concurrencies
     images: int = 32
     max_requests: int = 50_000
     decode_on: str = "api"
@@ -79,20 +82,24 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     cuda = args.device == "cuda"
-    mbs = args.max_batch_size or (32 if cuda else 16)
+    mbs = args.max_batch_size or DEFAULTS.max_batch_size
     quick = args.quick
+    top = 16 if quick else 64
+    # max batch 1: what batching buys (a GPU target); one worker per device: on CPU, the layout
+    # the benchmark used before it measured the defaults (one worker, every core's threads).
+    variants: tuple[tuple[str, dict[str, int], tuple[int, ...]], ...] = (("max batch 1", {"max_batch_size": 1}, (top,)),)
+    if not cuda:
+        variants += (("--workers-per-device 1", {"workers": 1}, (1, top)),)
     return Plan(
         mode="quick" if quick else "full", device=args.device, arch=args.arch or ("resnet50" if cuda else "resnet18"),
         precision="bf16" if cuda else "fp32", max_batch_size=mbs, workers=args.workers,
-        concurrencies=(1, 16) if quick else (1, 4, 16, 64), reference_concurrencies=(16,) if quick else (1, 4, 16, 64),
+        concurrencies=(1, top) if quick else (1, 4, 16, top), reference_concurrencies=(1, top) if quick else (1, 4, 16, top),
         warmup_s=1.5 if quick else 3.0, measure_s=5.0 if quick else 15.0,
         bare_batches=tuple(sorted({1, mbs} if quick else {1, 8, mbs, 2 * mbs} | ({128} if cuda else set()))),
         bare_layouts=("channels_last",) if quick else ("channels_last", "contiguous"),
         bare_s=2.0 if quick else 4.0, decode_s=2.0 if quick else 4.0,
         swaps=1 if quick else 3, swap_gap_s=6.0 if quick else 10.0, swap_concurrency=16,
-        # max batch 1: what batching buys (a GPU target); 2 workers: the other way to use 2 cores.
-        variants=(("max batch 1", {"max_batch_size": 1}),) if quick and cuda else () if quick
-        else (("max batch 1", {"max_batch_size": 1}), ("2 workers", {"workers": 2})),
+        variants=variants[:1] if quick and cuda else () if quick else variants,
         max_requests=100_000 if quick else 300_000, decode_on=args.decode_on,
     )
 
@@ -303,24 +310,33 @@ def _ok(url: str) -> bool:
         return False
 
 
-def headswap_cmd(checkpoint: Path, port: int, plan: Plan) -> list[str]:
-    return [HEADSWAP, "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--device", plan.device,
-            "--precision", plan.precision, "--max-batch-size", str(plan.max_batch_size),
-            "--workers-per-device", str(plan.workers), "--decode-on", plan.decode_on, "--log-level", "warning"]
+def server_flags(plan: Plan) -> list[str]:
+    """The options of ``headswap serve`` that ``plan`` needs beyond checkpoint and port: only those
+    that differ from the server's defaults, so that a plain plan measures the defaults."""
+    flags = []
+    if plan.device != ("cuda" if torch.cuda.is_available() else "cpu"):  # what --device auto picks
+        flags += ["--device", plan.device]
+    if plan.max_batch_size != DEFAULTS.max_batch_size:
+        flags += ["--max-batch-size", str(plan.max_batch_size)]
+    if plan.workers:
+        flags += ["--workers-per-device", str(plan.workers)]
+    if plan.decode_on != DEFAULTS.decode_on:
+        flags += ["--decode-on", plan.decode_on]
+    return flags  # precision: auto is the plan's (bf16 on CUDA, fp32 on CPU)
 
 
-def start_load(spec: LoadSpec, workdir: Path) -> subprocess.Popen:
-    spec_file = workdir / f"load-{spec.port}-{spec.concurrency}-{time.monotonic_ns()}.json"
-    spec_file.write_text(json.dumps(asdict(spec)))
-    return subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(spec_file)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def headswap_cmd(checkpoint: Path, port: int, plan: Plan, extra: tuple[str, ...] = ()) -> list[str]:
+    return [HEADSWAP, "serve", "--checkpoint", str(checkpoint), "--port", str(port), *server_flags(plan), *extra]
 
 
-def finish_load(proc: subprocess.Popen, spec: LoadSpec) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=spec.warmup_s + spec.measure_s + 2 * spec.timeout_s + 60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return json.loads(out)
+READY = re.compile(r"worker (\S+) \(pid \d+\) ready: (.*?)(?:, model .*)?$")
+
+
+def served_layout(log: Path) -> dict[str, Any]:
+    """The layout the server chose, from its workers' start-up lines (``worker W (pid P) ready: device
+    D, precision P, N threads, model ...``): how many, and what each said."""
+    said = [m.group(2) for line in log.read_text(errors="replace").splitlines() if (m := READY.search(line))]
+    return {"workers": len(said), "each": sorted(set(said))}
 
 
 def sweep(server: Running, spec: LoadSpec, concurrencies: tuple[int, ...], workdir: Path, label: str,
@@ -417,13 +433,14 @@ def say(line: str) -> None:
 def measure(plan: Plan, work: Path) -> dict[str, Any]:
     """Every stage of one run, in order, on this machine; returns the results as JSON-able data."""
     started = time.monotonic()
-    threads = max(1, (os.cpu_count() or 1) // plan.workers)  # the server's own budget per worker
+    threads = os.cpu_count() or 1  # the bare model gets every core: the ceiling a lone request could reach
     results: dict[str, Any] = {
-        "version": 1, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "mode": plan.mode, "device": plan.device,
+        "version": 2, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "mode": plan.mode, "device": plan.device,
         "arch": plan.arch, "num_classes": NUM_CLASSES, "precision": plan.precision, "memory_format": "channels_last",
         "machine": describe_machine(plan.device), "plan": asdict(plan),
-        "settings": {"max_batch_size": plan.max_batch_size, "workers_per_device": plan.workers, "batch_timeout_ms": 2.0,
-                     "decode_threads": 4, "torch_threads_per_worker": threads, "decode_on": plan.decode_on}}
+        "settings": {"flags": server_flags(plan), "max_batch_size": plan.max_batch_size, "workers_per_device": plan.workers,
+                     "batch_timeout_ms": DEFAULTS.batch_timeout_ms, "decode_threads": DEFAULTS.decode_threads,
+                     "bare_threads": threads, "decode_on": plan.decode_on}}
     swap_names = [f"swap{i + 1}" for i in range(plan.swaps)]
     say(f"checkpoints: {plan.arch}, {NUM_CLASSES} classes (base + {', '.join(swap_names)})")
     versions = make_checkpoints(work / "store", plan.arch, ["base", *swap_names])
@@ -437,7 +454,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
     results["bare"] = bare_model(base, plan, threads)
     for r in results["bare"]["runs"]:
         say(f"  {r['layout']:<13} batch {r['batch']:<3d} {r['images_per_s']:7.1f} images/s  {r['ms_per_batch']:7.1f} ms/batch")
-    results["decode"] = decode_capacity(images, base, plan, min(os.cpu_count() or 1, 4 * plan.workers))
+    results["decode"] = decode_capacity(images, base, plan, min(threads, DEFAULTS.decode_threads))
     torch.set_num_threads(threads)
     for name, r in results["decode"].items():
         say(f"  decode {name:<15} {r['images_per_s']:7.1f} images/s ({r['threads']} threads, {r['ms_per_image']:.1f} ms/image)")
@@ -445,7 +462,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
     jpeg = LoadSpec(port=0, path="/predict", bodies=[str(p) for p in images], content_type="image/jpeg", concurrency=1,
                     warmup_s=plan.warmup_s, measure_s=plan.measure_s, max_requests=plan.max_requests, metrics_path="/metrics")
     results.update(headswap_stage(plan, base, jpeg, swap_names, work))
-    results["variants"] = [variant_stage(plan, name, change, base, jpeg, work) for name, change in plan.variants]
+    results["variants"] = [variant_stage(plan, name, change, levels, base, jpeg, work) for name, change, levels in plan.variants]
     results["reference"] = reference_stage(plan, base, replace(jpeg, bodies=[str(p) for p in make_json_bodies(images, work / "json")],
                                                                content_type="application/json", metrics_path=""), work)
     results["machine"]["load_after"] = os.getloadavg()
@@ -454,12 +471,13 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
 
 
 def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str], work: Path) -> dict[str, Any]:
-    """One server: cold start, the concurrency sweep, the stack's own capacity, then the swaps."""
+    """One server with its defaults: cold start, the concurrency sweep, the stack's own capacity, then the swaps."""
     port = free_port()
-    say(f"headswap: max batch {plan.max_batch_size}, {plan.workers} worker(s)")
+    say(f"headswap (defaults){': ' + ' '.join(server_flags(plan)) if server_flags(plan) else ''}")
     with running(headswap_cmd(base, port, plan), "/ready", port, work / "headswap.log", signal.SIGTERM,
                  env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as server:
-        say(f"  cold start {server.cold_start_s:.1f} s")
+        layout = served_layout(server.log)
+        say(f"  cold start {server.cold_start_s:.1f} s; {layout['workers']} worker(s): {'; '.join(layout['each'])}")
         spec = replace(jpeg, port=port)
         points = sweep(server, spec, plan.concurrencies, work, "headswap")
         seconds = 3.0 if plan.mode == "quick" else 8.0
@@ -470,18 +488,21 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
                  "do_nothing": sweep(server, nothing, (nothing.concurrency,), work, "do-nothing", ok_status=400)[0]}
         say(f"swap under load: concurrency {plan.swap_concurrency}, {plan.swaps} swap(s)")
         swap = swap_under_load(server, spec, swap_names, plan, work)
-    return {"headswap": {"cold_start_s": server.cold_start_s, "points": points}, "stack": stack, "swap": swap}
+    return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout}, "stack": stack,
+            "swap": swap}
 
 
-def variant_stage(plan: Plan, name: str, change: dict[str, int], base: Path, jpeg: LoadSpec, work: Path) -> dict[str, Any]:
-    """The same load at the highest concurrency against the server with other settings."""
+def variant_stage(plan: Plan, name: str, change: dict[str, int], levels: tuple[int, ...], base: Path, jpeg: LoadSpec,
+                  work: Path) -> dict[str, Any]:
+    """The same load at the given concurrencies against the server with other settings."""
     variant = replace(plan, **change)
     port = free_port()
-    say(f"headswap variant {name}")
+    say(f"headswap, {name}: {' '.join(server_flags(variant))}")
     with running(headswap_cmd(base, port, variant), "/ready", port, work / f"variant-{port}.log", signal.SIGTERM) as server:
-        points = sweep(server, replace(jpeg, port=port), (plan.concurrencies[-1],), work, name)
-    return {"name": name, "max_batch_size": variant.max_batch_size, "workers": variant.workers,
-            "cold_start_s": server.cold_start_s, "points": points}
+        layout = served_layout(server.log)
+        points = sweep(server, replace(jpeg, port=port), levels, work, name)
+    return {"name": name, "max_batch_size": variant.max_batch_size, "workers": variant.workers, "flags": server_flags(variant),
+            "cold_start_s": server.cold_start_s, "points": points, "layout": layout}
 
 
 def reference_stage(plan: Plan, base: Path, spec: LoadSpec, work: Path) -> dict[str, Any]:
@@ -507,11 +528,11 @@ def _do_nothing_spec(work: Path, port: int, model: str, plan: Plan, seconds: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description="headswap's benchmark (make bench)")
-    parser.add_argument("--quick", action="store_true", help="short check (< 2 min): concurrency 1 and 16, short windows")
+    parser.add_argument("--quick", action="store_true", help="short check (< 3 min): concurrency 1 and 16, short windows")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--arch", default="", help="default: resnet18 on cpu, resnet50 on cuda")
-    parser.add_argument("--max-batch-size", type=int, default=0, help="server max batch size (default 16 cpu, 32 cuda)")
-    parser.add_argument("--workers", type=int, default=1, help="server workers per device")
+    parser.add_argument("--max-batch-size", type=int, default=0, help="server max batch size (default: the server's)")
+    parser.add_argument("--workers", type=int, default=0, help="server workers per device (default: the server's choice)")
     parser.add_argument("--decode-on", choices=("api", "worker"), default="api", help="the server's --decode-on")
     parser.add_argument("--out", default="", help="report (default BENCHMARKS.md; build/bench-quick/ for --quick)")
     parser.add_argument("--results", default="", help="raw results (default bench/results.json)")
