@@ -2,7 +2,9 @@
 
 Measures, in order: the bare model (the ceiling), decode capacity, headswap with its defaults end
 to end at several concurrencies (with the HTTP-only and do-nothing capacities of its stack), a
-hot-swap under load, labelled variants (other layouts), a plain LitServe reference, and cold start.
+hot-swap under load, overload (open-loop arrivals at 1x, 2x, 4x the saturation rate, with
+shedding on and, beside it, off), labelled variants (other layouts), a plain LitServe
+reference, and cold start.
 Writes ``bench/results.json``, ``bench/throughput.png`` and ``BENCHMARKS.md``; checks the
 targets and says plainly which are missed.
 
@@ -39,6 +41,7 @@ import torch
 from PIL import Image
 
 from bench.loadgen import LoadSpec, finish_load, percentile, process_cpu, start_load, summarize
+from bench.overload import has_max_queue, open_loop_points
 from bench.report import render
 from models import CheckpointMeta, build_classifier, eval_transform, load_classifier, save_checkpoint
 from models.demo_data import TASKS, draw_image
@@ -75,6 +78,10 @@ class Plan:
     swap_gap_s: float
     swap_concurrency: int
     variants: tuple[tuple[str, dict[str, int], tuple[int, ...]], ...]  # label, Plan changes, concurrencies
+    overload_factors: tuple[float, ...] = (1.0, 2.0, 4.0)
+    overload_warmup_s: float = 2.0
+    overload_s: float = 20.0
+    overload_drain_s: float = 35.0  # the server's --timeout-s (30 s) and a margin: every admitted request is answered by then
     images: int = 32
     max_requests: int = 50_000
     decode_on: str = "api"
@@ -100,6 +107,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         bare_s=2.0 if quick else 4.0, decode_s=2.0 if quick else 4.0,
         swaps=1 if quick else 3, swap_gap_s=6.0 if quick else 10.0, swap_concurrency=16,
         variants=variants[:1] if quick and cuda else () if quick else variants,
+        overload_warmup_s=1.0 if quick else 2.0, overload_s=4.0 if quick else 20.0,
         max_requests=100_000 if quick else 300_000, decode_on=args.decode_on,
     )
 
@@ -196,7 +204,7 @@ def bare_model(checkpoint: Path, plan: Plan, threads: int) -> dict[str, Any]:
     one = next(r for r in served if r["batch"] == 1)
     at_mbs = next((r for r in served if r["batch"] == plan.max_batch_size), None)
     return {"threads": threads, "runs": runs, "best": best, "batch1_ms": one["ms_per_batch"],
-            "at_server_batch": at_mbs}
+            "at_server_batch": at_mbs, "input_size": meta.input_size}
 
 
 def _time_forward(net: torch.nn.Module, x: torch.Tensor, plan: Plan) -> list[float]:
@@ -462,6 +470,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
     jpeg = LoadSpec(port=0, path="/predict", bodies=[str(p) for p in images], content_type="image/jpeg", concurrency=1,
                     warmup_s=plan.warmup_s, measure_s=plan.measure_s, max_requests=plan.max_requests, metrics_path="/metrics")
     results.update(headswap_stage(plan, base, jpeg, swap_names, work))
+    results["overload"]["systems"].append(unbounded_stage(plan, base, jpeg, results["overload"], work))
     results["variants"] = [variant_stage(plan, name, change, levels, base, jpeg, work) for name, change, levels in plan.variants]
     results["reference"] = reference_stage(plan, base, replace(jpeg, bodies=[str(p) for p in make_json_bodies(images, work / "json")],
                                                                content_type="application/json", metrics_path=""), work)
@@ -471,7 +480,8 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
 
 
 def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str], work: Path) -> dict[str, Any]:
-    """One server with its defaults: cold start, the concurrency sweep, the stack's own capacity, then the swaps."""
+    """One server with its defaults: cold start, the concurrency sweep, the stack's own capacity,
+    the swaps, then the overload points at multiples of the sweep's best requests/s."""
     port = free_port()
     say(f"headswap (defaults){': ' + ' '.join(server_flags(plan)) if server_flags(plan) else ''}")
     with running(headswap_cmd(base, port, plan), "/ready", port, work / "headswap.log", signal.SIGTERM,
@@ -488,8 +498,38 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
                  "do_nothing": sweep(server, nothing, (nothing.concurrency,), work, "do-nothing", ok_status=400)[0]}
         say(f"swap under load: concurrency {plan.swap_concurrency}, {plan.swaps} swap(s)")
         swap = swap_under_load(server, spec, swap_names, plan, work)
+        best = max(points, key=lambda p: p["rps"])
+        shedding = has_max_queue(HEADSWAP)
+        say(f"overload: open loop at {', '.join(f'{f:g}x' for f in plan.overload_factors)} of {best['rps']:.1f} req/s "
+            f"(c={best['concurrency']}), {plan.overload_s:g} s each" + ("" if shedding else "; this server has no --max-queue"))
+        overload = {"saturation_rps": best["rps"], "saturation_concurrency": best["concurrency"], "shedding": shedding,
+                    "systems": [overload_points("headswap (defaults)", server_flags(plan), server, spec, best["rps"], plan, work)]}
     return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout}, "stack": stack,
-            "swap": swap}
+            "swap": swap, "overload": overload}
+
+
+def unbounded_stage(plan: Plan, base: Path, jpeg: LoadSpec, overload: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The same open-loop points against a server started with ``--max-queue 0`` (no shedding);
+    skipped, and said so, when the server has no ``--max-queue``."""
+    name = "headswap, --max-queue 0 (unbounded)"
+    if not overload["shedding"]:
+        return {"name": name, "flags": [], "points": [], "skipped": "this server has no --max-queue"}
+    port = free_port()
+    say(name)
+    extra = ("--max-queue", "0")
+    with running(headswap_cmd(base, port, plan, extra), "/ready", port, work / "unbounded.log", signal.SIGTERM) as server:
+        say(f"  cold start {server.cold_start_s:.1f} s")
+        system = overload_points(name, [*server_flags(plan), *extra], server, replace(jpeg, port=port),
+                                 overload["saturation_rps"], plan, work)
+    return {**system, "cold_start_s": server.cold_start_s}
+
+
+def overload_points(name: str, flags: list[str], server: Running, spec: LoadSpec, saturation: float, plan: Plan,
+                    work: Path) -> dict[str, Any]:
+    """The plan's open-loop points (multiples of ``saturation`` req/s) against ``server``."""
+    points = open_loop_points(server.port, server.sid, spec, saturation, plan.overload_factors, plan.overload_warmup_s,
+                              plan.overload_s, plan.overload_drain_s, name.split(", ")[-1], work, say)
+    return {"name": name, "flags": flags, "points": points}
 
 
 def variant_stage(plan: Plan, name: str, change: dict[str, int], levels: tuple[int, ...], base: Path, jpeg: LoadSpec,
