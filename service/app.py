@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,9 +20,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from service.admission import Admission, Ticket
 from service.controller import Controller
 from service.dispatch import Dispatcher, ModelView, Result
-from service.errors import NotReady, RequestError
+from service.errors import NotReady, Overloaded, RequestError
 from service.metrics import Metrics
 from service.predict_protocol import parse_predict, predict_body
 from service.routing import CanaryGuard, choose_slot
@@ -30,10 +32,12 @@ from service.slots import ServingState, SharedState
 log = logging.getLogger("headswap.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
+TIMEOUT_HEADER = "x-request-timeout-ms"
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def error_response(exc: RequestError) -> JSONResponse:
-    return JSONResponse({"error": str(exc), **exc.details}, status_code=exc.status)
+    return JSONResponse({"error": str(exc), **exc.details}, status_code=exc.status, headers=exc.headers or None)
 
 
 def model_headers(result: Result) -> dict[str, str]:
@@ -45,8 +49,9 @@ class ServedContext:
 
     def __init__(self, dispatcher: Dispatcher, model_name: str, shared: SharedState, *, is_ready: Callable[[], bool],
                  is_serving: Callable[[], bool], max_image_bytes: int, metrics: Metrics, guard: CanaryGuard,
-                 controller: Controller) -> None:
+                 controller: Controller, admission: Admission) -> None:
         self.dispatcher = dispatcher
+        self.admission = admission
         self.model_name = model_name
         self.shared = shared
         self.is_ready = is_ready
@@ -79,12 +84,26 @@ class ServedContext:
         if not self.is_serving():
             raise NotReady("not ready: no inference worker has the model loaded yet", reason="not_ready")
 
-    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int, normalized: bool = False,
-                    following: int = 0) -> Result:
-        """One image through the chosen slot, with canary bookkeeping and shadowing."""
+    def deadline(self, request: Request, timeout_s: float | None = None) -> float:
+        """When this request must be answered: --timeout-s from now, or sooner if its X-Request-Timeout-Ms
+        header (or ``timeout_s``, from the body) asks. Raises RequestError for a malformed header."""
+        budgets = [t for t in (timeout_s, header_timeout_s(request)) if t is not None]
+        return self.dispatcher.deadline(min(budgets) if budgets else None)
+
+    def admit(self, images: int) -> Ticket:
+        """Admit a request's images, all or none. Raises Overloaded (503, Retry-After) over --max-queue."""
         try:
-            result = await self.dispatcher.infer(request, image, slot=slot, top_k=top_k, normalized=normalized,
-                                                 following=following)
+            return self.admission.admit(images)
+        except Overloaded:
+            self.metrics.rejected.labels("overload").inc(images)
+            raise
+
+    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int, deadline: float,
+                    ticket: Ticket, normalized: bool = False, following: int = 0) -> Result:
+        """One admitted image through the chosen slot, with canary bookkeeping and shadowing."""
+        try:
+            result = await self.dispatcher.infer(request, image, slot=slot, top_k=top_k, deadline=deadline,
+                                                 ticket=ticket, normalized=normalized, following=following)
         except RequestError as exc:
             canary = self.state().canary
             if slot == "canary" and exc.status >= 500 and canary is not None:
@@ -100,9 +119,15 @@ class ServedContext:
         return result
 
     async def _shadow(self, request: Request, image: torch.Tensor | bytes, stable: Result, normalized: bool) -> None:
-        """Run a stable-served image on the canary off the response path; count top-1 agreement."""
+        """Run a stable-served image on the canary off the response path; count top-1 agreement.
+        Best effort: skipped when the queue is full."""
+        ticket = self.admission.try_admit(1)
+        if ticket is None:
+            return
         try:
-            canary = await self.dispatcher.infer(request, image, slot="canary", top_k=1, normalized=normalized)
+            with ticket:
+                canary = await self.dispatcher.infer(request, image, slot="canary", top_k=1, normalized=normalized,
+                                                     deadline=self.dispatcher.deadline(), ticket=ticket)
         except RequestError:
             return
         if canary.slot != "canary":
@@ -144,10 +169,12 @@ class Routes:
 
     async def predict(self, request: Request) -> Response:
         self.ctx.require_serving()
+        deadline = self.ctx.deadline(request)
         parsed = await parse_predict(request, self.ctx.max_image_bytes)
-        slot = self.ctx.route(request)
-        image = await self.ctx.dispatcher.preprocess(parsed.image, self.ctx.views()[slot].meta)
-        result = await self.ctx.infer(request, image, slot=slot, top_k=parsed.top_k)
+        with self.ctx.admit(1) as ticket:
+            slot = self.ctx.route(request)
+            image = await self.ctx.dispatcher.preprocess(parsed.image, self.ctx.views()[slot].meta)
+            result = await self.ctx.infer(request, image, slot=slot, top_k=parsed.top_k, deadline=deadline, ticket=ticket)
         return JSONResponse(predict_body(result, self.ctx.model_name), headers=model_headers(result))
 
     async def health(self) -> Response:
@@ -158,6 +185,18 @@ class Routes:
             return JSONResponse({"status": "ready", "model": self.ctx.model_name,
                                  "versions": {slot: view.version for slot, view in self.ctx.views().items()}})
         return JSONResponse({"status": "not ready"}, status_code=503)
+
+
+def header_timeout_s(request: Request) -> float | None:
+    """The X-Request-Timeout-Ms header in seconds (None: absent). Raises RequestError unless a positive integer."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    value = value.strip()
+    if not _DIGITS.fullmatch(value) or len(value) > 12 or int(value) < 1:
+        raise RequestError(f"X-Request-Timeout-Ms must be a positive whole number of milliseconds, found {value[:20]!r}",
+                           reason="timeout_header")
+    return int(value) / 1000
 
 
 def guarded(handler: Handler) -> Handler:
@@ -200,9 +239,14 @@ def instrumented(handler: Handler, endpoint_label: str, metrics: Metrics) -> Han
     return endpoint
 
 
+TIMEOUT_PARAMETER: dict[str, Any] = {
+    "name": "X-Request-Timeout-Ms", "in": "header", "required": False,
+    "description": "answer within this many milliseconds or not at all (504); shortens --timeout-s for this request",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 10**12 - 1}}
 PREDICT_OPENAPI: dict[str, Any] = {
     "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
-                   {"name": "X-Request-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+                   {"name": "X-Request-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+                   TIMEOUT_PARAMETER],
     "requestBody": {
         "required": True,
         "content": {

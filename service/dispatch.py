@@ -6,7 +6,10 @@ of running in series with them inside the worker. With ``decode_on_worker`` (``-
 worker``), JPEGs the worker's device can decode travel as bytes once their header passed
 the limits here, and the worker decodes them in batches (nvJPEG on a GPU). Items reach the
 workers through LitServe's request queue and come back through its response buffer; each
-one is awaited with a deadline, so no request waits past ``timeout_s``.
+one is awaited until its deadline (``timeout_s``, or sooner where the request asks), which
+also travels with the item: a worker refuses an item whose deadline passed before it took it.
+A request's images are admitted before they are decoded (``service.admission``): over the
+bound, the request is refused whole with a 503.
 
 Each queued item carries ``arriving``: how many more images this process will queue soon
 (being decoded now, or later items of the same request). A worker waits for its batch to
@@ -30,8 +33,9 @@ from starlette.requests import Request
 
 from models import CheckpointMeta
 from models.transforms import resize_crop
+from service.admission import Admission, Ticket
 from service.decode import DecodeLimits, check_image, decode_checked, device_decodable
-from service.errors import GatewayTimeout, InternalError, NotReady, RequestError
+from service.errors import GatewayTimeout, InternalError, NotReady, Overloaded, RequestError
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,9 @@ class Result:
 
 class Dispatcher:
     def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int,
-                 on_result: Any = None, decode_on_worker: bool = False) -> None:
+                 on_result: Any = None, decode_on_worker: bool = False, admission: Admission | None = None) -> None:
         self.server = server
+        self.admission = admission
         self.decode_on_worker = decode_on_worker
         self.on_result = on_result
         self.api_path = api_path
@@ -88,11 +93,20 @@ class Dispatcher:
         finally:
             self._decoding -= 1
 
-    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int,
-                    normalized: bool = False, following: int = 0) -> Result:
-        """Queue one image (pixels, or JPEG bytes from ``preprocess``) for ``slot`` and await its answer;
-        ``following``: images of the same request queued right after this one. Raises RequestError subclasses."""
-        payload: dict[str, Any] = {"slot": slot, "top_k": top_k, "arriving": self._decoding + following}
+    def deadline(self, request_timeout_s: float | None = None) -> float:
+        """The time.monotonic by which a request arriving now must be answered: ``timeout_s`` from now,
+        or sooner if the request asked for less."""
+        budget = self.timeout_s if request_timeout_s is None else min(self.timeout_s, request_timeout_s)
+        return time.monotonic() + budget
+
+    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int, deadline: float,
+                    ticket: Ticket | None = None, normalized: bool = False, following: int = 0) -> Result:
+        """Queue one image (pixels, or JPEG bytes from ``preprocess``) for ``slot`` and await its answer
+        until ``deadline`` (time.monotonic); ``ticket``: the request's admission, handed the image once it is
+        queued; ``following``: images of the same request queued right after this one. Raises RequestError
+        subclasses."""
+        payload: dict[str, Any] = {"slot": slot, "top_k": top_k, "arriving": self._decoding + following,
+                                   "deadline": deadline}
         if isinstance(image, bytes):
             payload["jpeg"] = image
         else:
@@ -104,13 +118,16 @@ class Dispatcher:
         arrived = time.monotonic()
         try:
             self.server._get_request_queue(self.api_path).put((request.app.response_queue_id, uid, arrived, payload))
-            await asyncio.wait_for(event.wait(), self.timeout_s)
+            if ticket is not None:
+                ticket.handed()
+            await asyncio.wait_for(event.wait(), max(0.0, deadline - arrived))
             data, _status = self.server.response_buffer[uid].response
         except (asyncio.TimeoutError, TimeoutError):
-            raise GatewayTimeout(f"no answer within {self.timeout_s:g} s", reason="timeout") from None
+            raise GatewayTimeout(f"no answer by the request's deadline ({max(0.0, deadline - arrived):.3f} s after "
+                                 "it was queued: --timeout-s or the request's own timeout)", reason="timeout") from None
         finally:
             self.server.response_buffer.pop(uid, None)
-        result = _result(data, arrived)
+        result = _result(data, arrived, self.admission)
         if self.on_result is not None:
             self.on_result(result)
         return result
@@ -123,10 +140,14 @@ def _prepare(data: bytes, limits: DecodeLimits, meta: CheckpointMeta, on_worker:
     return resize_crop(meta)(decode_checked(data, image)).contiguous()
 
 
-def _result(data: Any, arrived: float) -> Result:
+def _result(data: Any, arrived: float, admission: Admission | None) -> Result:
+    """A worker's answer as a Result, or its refusal as the matching RequestError."""
     if not isinstance(data, dict):
         raise NotReady("the inference worker went away; retry", reason="worker_lost")
     status = data.get("status")
+    if status == 503:  # not run: it waited past --max-queue-wait-ms
+        retry_after = admission.retry_after() if admission is not None else 1
+        raise Overloaded(data.get("error", "overloaded"), retry_after=retry_after, reason=data.get("reason", "overload"))
     if status != 200:
         error = {504: GatewayTimeout, 500: InternalError}.get(status, RequestError)
         raise error(data.get("error", "inference failed"), reason=data.get("reason", "inference"))

@@ -13,6 +13,11 @@ class RequestError(ValueError):
         self.details = details or {}
         super().__init__(message)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error's response."""
+        return {}
+
 
 class PayloadTooLarge(RequestError):
     status = 413
@@ -40,6 +45,18 @@ class Unauthorized(RequestError):
 
 class NotReady(RequestError):
     status = 503
+
+
+class Overloaded(NotReady):
+    """More work than the server takes: shed at once, with when to come back."""
+
+    def __init__(self, message: str, *, retry_after: int, reason: str = "overload") -> None:
+        self.retry_after = retry_after
+        super().__init__(message, reason=reason)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 def status_of(exc: BaseException) -> int:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.admission import QueueLedger
 from service.slots import SharedState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -48,6 +49,8 @@ class Metrics:
         self.shadow_comparisons = Counter("headswap_shadow_comparisons_total", "Canary vs stable top-1 comparisons", registry=r)
         self.shadow_agreements = Counter("headswap_shadow_agreements_total", "Canary and stable agreed on top-1", registry=r)
         self.rollbacks = Counter("headswap_rollbacks_total", "Canary/stable rollbacks", ["reason"], registry=r)
+        self.rejected = Counter("headswap_rejected_total", "Images shed without running: overload (over --max-queue or "
+                                "--max-queue-wait-ms) or deadline (passed before a worker took them)", ["reason"], registry=r)
         self.input_errors = Counter("headswap_input_errors_total", "Rejected inputs by cause", ["reason"], registry=r)
         self.rollout_errors = Counter("headswap_rollout_errors_total", "Rollout specs refused", registry=r)
         self.gpu_memory = Gauge("headswap_gpu_memory_allocated_bytes", "CUDA memory held by tensors, per worker",
@@ -67,11 +70,12 @@ class Metrics:
 
 
 class StateCollector(Collector):
-    """Scrape-time view of the shared state: model_info, canary weight, shadow share, memory."""
+    """Scrape-time view of the shared state: model_info, canary weight, shadow share, queue depth, memory."""
 
-    def __init__(self, shared: SharedState, main_pid: int) -> None:
+    def __init__(self, shared: SharedState, main_pid: int, ledger: QueueLedger | None = None) -> None:
         self.shared = shared
         self.main_pid = main_pid
+        self.ledger = ledger
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self.shared.read()
@@ -84,6 +88,9 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("headswap_shadow_percent", "Share of stable requests shadowed on the canary, percent",
                                 value=state.shadow if state.canary else 0)
         yield GaugeMetricFamily("headswap_state_generation", "Generation of the served state", value=state.generation)
+        if self.ledger is not None:
+            yield GaugeMetricFamily("headswap_queue_depth", "Images admitted and waiting for a worker, whole server",
+                                    value=self.ledger.depth())
         memory = GaugeMetricFamily("headswap_process_resident_memory_bytes", "Resident memory per process", labels=["role", "pid"])
         pids = {"main": [self.main_pid], "api": [os.getpid()],
                 "worker": [ack.pid for ack in self.shared.acks().values()]}
@@ -103,9 +110,9 @@ def _rss(pid: int) -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def exposition(shared: SharedState, main_pid: int) -> bytes:
+def exposition(shared: SharedState, main_pid: int, ledger: QueueLedger | None = None) -> bytes:
     """The Prometheus text exposition: every process's files, plus the state collector."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(StateCollector(shared, main_pid))
+    registry.register(StateCollector(shared, main_pid, ledger))
     return generate_latest(registry)

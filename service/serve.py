@@ -8,6 +8,7 @@ end, and the process exits 0. LitServe 0.2.19 has no SIGTERM handler of its own.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from service.admin import AdminRoutes
+from service.admission import Admission, QueueLedger
 from service.app import Routes, ServedContext
 from service.audit import AuditLog
 from service.bootstrap import bootstrap, watch_rollout
@@ -39,7 +41,7 @@ from service.metrics import Metrics, exposition
 from service.rollout import RolloutFile
 from service.routing import CanaryGuard, GuardPolicy
 from service.settings import Settings
-from service.sidecar import SidecarServer
+from service.sidecar import SidecarServer, check_bindable
 from service.slots import SharedState
 from service.store import CheckpointStore
 from service.v2_routes import V2Routes
@@ -88,6 +90,9 @@ def serve(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, runtime: Path) -> int:
+    for port, what in ((settings.port, "server"), (settings.admin_port, "admin port"), (settings.metrics_port, "metrics port")):
+        if port:
+            check_bindable(settings.host, port, what)  # before anything slow: a taken port fails at once
     pin_mmap_threshold()  # before the API servers fork; spawned workers start afresh (service.memory)
     shared = SharedState(runtime)
     store = CheckpointStore(settings.store)
@@ -95,9 +100,12 @@ def _serve(settings: Settings, runtime: Path) -> int:
     rollout = RolloutFile(Path(settings.rollout_file)) if settings.rollout_file else None
     cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1
-    # On CPU, one single-threaded worker per core outruns one worker with many threads, and keeps
-    # its speed when something else takes a core (an intra-op thread pool waits for its slowest).
+    # On CPU, one single-threaded worker per core outruns one worker with many threads at saturation,
+    # and keeps its speed when something else takes a core (an intra-op thread pool waits for its
+    # slowest); a batch that runs alone (a lone client) takes every core instead (solo_threads).
     workers = settings.workers_per_device or (cores if cpu else 1)
+    ledger = QueueLedger(workers)
+    admission = Admission(ledger, settings.queue_bound, floor=2 * settings.max_batch_size * workers)
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
                             rollout=rollout, events=metrics, swap_timeout_s=settings.swap_timeout_s)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
@@ -106,10 +114,11 @@ def _serve(settings: Settings, runtime: Path) -> int:
         state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision,
         threads=max(1, cores // workers), max_batch_size=settings.max_batch_size,
         batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s, log_level=settings.log_level,
-        decode_on_worker=settings.decode_on == "worker",
+        decode_on_worker=settings.decode_on == "worker", solo_threads=cores if cpu and workers > 1 else 0,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
-    server = ls.LitServer(ClassifierAPI(config), accelerator=accelerator, workers_per_device=workers,
+    server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
                           timeout=False, restart_workers=True)
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
     # Read by each spawned worker: OpenMP threads spin briefly between the layers of a forward
@@ -119,14 +128,15 @@ def _serve(settings: Settings, runtime: Path) -> int:
     readiness = Readiness(server, expected, shared)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                             settings.timeout_s, settings.decode_threads, on_result=lambda r: metrics.queue_wait.observe(r.queue_wait_s),
-                            decode_on_worker=settings.decode_on == "worker")
+                            decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     ctx = ServedContext(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
-                        max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller)
+                        max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller,
+                        admission=admission)
     Routes(ctx).install(server.app)
     V2Routes(ctx).install(server.app)
     main_pid = os.getpid()
-    metrics_route = _metrics_route(shared, main_pid)
+    metrics_route = _metrics_route(shared, main_pid, ledger)
     server.app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics",
                              response_class=PlainTextResponse)
     server.app.add_exception_handler(StarletteHTTPException, _framework_error)
@@ -147,7 +157,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
 
 
 class Readiness:
-    """Worker readiness: LitServe's setup status, and every worker that acknowledged the shared
+    """Readiness: every listener the settings ask for answers (the main process says so once it has
+    checked, in shared memory), LitServe's setup status, and every worker that acknowledged the shared
     state still alive (a killed worker stays READY in LitServe's eyes until its monitor notices).
     Works in the forked API servers too."""
 
@@ -157,7 +168,12 @@ class Readiness:
         self.server = server
         self.expected = expected
         self.shared = shared
+        self._listening = mp.get_context("fork").RawValue("b", 0)  # before the API servers fork: shared with them
         self._serving_until = 0.0
+
+    def listening(self) -> None:
+        """Called by the main process once every side listener answers."""
+        self._listening.value = 1
 
     def states(self) -> list[str]:
         try:
@@ -168,9 +184,12 @@ class Readiness:
     def alive(self) -> list[bool]:
         return [_pid_alive(ack.pid) for ack in self.shared.acks().values()]
 
-    def ready(self) -> bool:
+    def workers_ready(self) -> bool:
         states = self.states()
         return len(states) >= self.expected and all(v == WorkerSetupStatus.READY for v in states) and all(self.alive())
+
+    def ready(self) -> bool:
+        return bool(self._listening.value) and self.workers_ready()
 
     def serving(self) -> bool:
         """Some worker can answer. Asked by every inference request, so a yes (one manager round trip
@@ -197,9 +216,9 @@ async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSO
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-def _metrics_route(shared: SharedState, main_pid: int):  # noqa: ANN202
+def _metrics_route(shared: SharedState, main_pid: int, ledger: QueueLedger):  # noqa: ANN202
     async def metrics() -> Response:
-        return Response(exposition(shared, main_pid), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(shared, main_pid, ledger), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 
@@ -229,15 +248,24 @@ def _sidecars(settings: Settings, controller: Controller, shared: SharedState, m
 def _after_start(settings: Settings, model_name: str, version: str, readiness: Readiness,
                  sidecars: list[SidecarServer], threads: list[threading.Thread]) -> None:
     """Once every worker is ready and the API servers answer (so no thread runs across their
-    fork), start the side servers and the rollout watcher, then log the URL."""
-    url = f"http://{settings.host}:{settings.port}"
-    while not readiness.ready() or not _answers(f"{url}/health"):
+    fork), start the side servers (their sockets are bound already) and, once they answer, say
+    ready; then start the rollout watcher and log the URL."""
+    url = f"http://{_local(settings.host)}:{settings.port}"
+    while not readiness.workers_ready() or not _answers(f"{url}/health"):
         time.sleep(0.1)
     for sidecar in sidecars:
         sidecar.start()
+    while not all(sidecar.answers() for sidecar in sidecars):
+        time.sleep(0.05)
+    readiness.listening()
     for thread in threads:
         thread.start()
     log.info("headswap serving %s (version %s) at %s", model_name, version, url)
+
+
+def _local(host: str) -> str:
+    """An address of this machine to reach a server listening on ``host``."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
 
 
 def _answers(url: str) -> bool:

@@ -37,7 +37,15 @@ class Settings:
     precision: str = _opt("auto", "inference precision (auto: bf16 on CUDA, fp32 on CPU)", PRECISIONS)
     max_image_bytes: int = _opt(20 * 1024 * 1024, "largest accepted image (and request body), in bytes")
     max_image_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)")
-    timeout_s: float = _opt(30.0, "longest a request may wait for its answer before a 504")
+    timeout_s: float = _opt(30.0, "longest a request may wait for its answer before a 504 (a request's "
+                            "X-Request-Timeout-Ms header, or V2 parameters.timeout in microseconds, may shorten it)")
+    max_queue: str = _opt("auto", "most images admitted and waiting for a worker, summed over the server; a request "
+                          "over it is answered 503 at once, with Retry-After. auto: what the workers answer in about "
+                          "1 s at the drain rate measured while serving (so a queued image is answered in ~1 s, far "
+                          "within --timeout-s), at least 2 full batches per worker so none waits for work, at most "
+                          "1024 (e.g. 64 for resnet18 on 2 CPU cores, which answer ~45 images/s); 0: unbounded")
+    max_queue_wait_ms: float = _opt(0.0, "an image that waited longer than this for a worker is not run but answered "
+                                    "503 (0: no limit but the request's deadline, --timeout-s)")
     decode_threads: int = _opt(4, "image decode threads per API server process")
     decode_on: str = _opt("api", "where plain JPEGs are decoded and resized: api (the API servers' decode threads) or "
                           "worker (the inference worker, on its device: nvJPEG on a GPU; other images stay with the "
@@ -73,18 +81,34 @@ class Settings:
             problems.append(f"max_batch_size must be >= 1, found {self.max_batch_size}")
         if self.batch_timeout_ms < 0 or self.timeout_s <= 0:
             problems.append("batch_timeout_ms must be >= 0 and timeout_s > 0")
+        if self.queue_bound == -1:
+            problems.append(f"max_queue must be auto or an integer >= 0 (0: unbounded), found {self.max_queue!r}")
+        if self.max_queue_wait_ms < 0:
+            problems.append(f"max_queue_wait_ms must be >= 0 (0: no limit), found {self.max_queue_wait_ms}")
         if self.guard_window < 1:
             problems.append(f"guard_window must be >= 1, found {self.guard_window}")
         if not (0 <= self.guard_max_error_rate <= 1 and 0 <= self.guard_min_agreement <= 1):
             problems.append("guard_max_error_rate and guard_min_agreement must be within [0, 1]")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be within 0-65535, found {self.port}")
+        ports = [p for p in (self.port, self.admin_port, self.metrics_port) if p]
+        if len(ports) != len(set(ports)):
+            problems.append(f"port, admin_port and metrics_port must differ, found {self.port}, {self.admin_port}, "
+                            f"{self.metrics_port}")
         for name in ("device", "precision", "log_level"):
             choices = _FIELDS[name].metadata.get("choices")
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, found {getattr(self, name)!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def queue_bound(self) -> int | None:
+        """``max_queue`` as a number of images (0: unbounded); None for auto, or -1 when it is neither."""
+        value = self.max_queue.strip().lower()
+        if value == "auto":
+            return None
+        return int(value) if value.isdigit() else -1
 
     @property
     def store(self) -> Path:

@@ -52,6 +52,11 @@ class InferRequest:
     images: list[bytes] | None  # IMAGE input, one encoded image per batch element
     pixels: np.ndarray | None  # PIXELS input, float32 [B, 3, H, W]
     outputs: tuple[RequestedOutput, ...]
+    timeout_us: int | None = None  # parameters.timeout, as Triton's: answer within this many microseconds
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self.timeout_us / 1e6 if self.timeout_us else None
 
     @property
     def batch_size(self) -> int:
@@ -76,11 +81,11 @@ def parse_infer_request(body: bytes, headers: Mapping[str, str], *, max_elements
     tensor = _single_input(doc)
     name, shape = _input_signature(tensor)
     _check_limits(name, shape, max_batch=max_batch, max_elements=max_elements)
-    request_id, outputs = _request_id(doc), _requested_outputs(doc)
+    request_id, outputs, timeout_us = _request_id(doc), _requested_outputs(doc), _timeout_us(doc)
     section = _input_section(name, tensor, tail)
     if name == "IMAGE":
-        return InferRequest(request_id, _images(tensor, shape[0], section), None, outputs)
-    return InferRequest(request_id, None, _pixels(tensor, shape, section), outputs)
+        return InferRequest(request_id, _images(tensor, shape[0], section), None, outputs, timeout_us)
+    return InferRequest(request_id, None, _pixels(tensor, shape, section), outputs, timeout_us)
 
 
 def _load_object(header: bytes) -> dict:
@@ -210,6 +215,17 @@ def _requested_outputs(doc: dict) -> tuple[RequestedOutput, ...]:
         raise RequestError(f"classification must be a non-negative integer, found {brief(k)}", reason="outputs")
     # the output's own binary_data wins over the request-wide binary_data_output, as in Triton
     return (RequestedOutput(OUTPUT, _flag(out_params, "binary_data", default_binary, f"output {OUTPUT}"), k),)
+
+
+def _timeout_us(doc: dict) -> int | None:
+    """parameters.timeout: microseconds to answer within (0 or absent: the server's --timeout-s)."""
+    value = doc.get("parameters", {}).get("timeout")
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise RequestError(f"parameters.timeout must be a non-negative integer (microseconds), found {brief(value)}",
+                           reason="parameters")
+    return value or None
 
 
 def _flag(params: dict, key: str, default: bool, where: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -11,10 +12,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from service.app import ServedContext, guarded, instrumented, model_headers
+from models import CheckpointMeta
+from service.admission import Ticket
+from service.app import TIMEOUT_PARAMETER, ServedContext, guarded, instrumented, model_headers
+from service.dispatch import Result
 from service.errors import NotFound, PayloadTooLarge
 from service.predict_protocol import read_body
-from service.v2_protocol import encode_infer_response, model_metadata, parse_infer_request, server_metadata
+from service.v2_protocol import InferRequest, encode_infer_response, model_metadata, parse_infer_request, server_metadata
 
 MAX_BATCH = 64                         # images in one V2 request
 MAX_ELEMENTS = MAX_BATCH * 3 * 512 * 512  # PIXELS numbers in one V2 request
@@ -44,7 +48,7 @@ class V2Routes:
                               openapi_extra=params, **get)
             app.add_api_route(f"{base}/infer", instrumented(self.infer, "v2_infer", self.ctx.metrics), methods=["POST"], response_model=None,
                               summary="V2 inference (IMAGE BYTES or PIXELS FP32 -> PROBABILITIES)",
-                              openapi_extra={**INFER_OPENAPI, **params})
+                              openapi_extra={**INFER_OPENAPI, "parameters": [*params["parameters"], TIMEOUT_PARAMETER]})
 
     async def server(self) -> Response:
         return JSONResponse(server_metadata(version=_server_version()))
@@ -88,22 +92,17 @@ class V2Routes:
         slot = self._slot_for(request)
         self.ctx.require_serving()
         view = self.ctx.views()[slot]
+        started = time.monotonic()
         body = await read_body(request, self.ctx.max_image_bytes * V2_BODY_FACTOR)
         parsed = parse_infer_request(body, request.headers, max_elements=MAX_ELEMENTS, max_batch=MAX_BATCH)
-        dispatcher = self.ctx.dispatcher
+        deadline = self.ctx.deadline(request, parsed.timeout_s) - (time.monotonic() - started)
         if parsed.images is not None:
             for data in parsed.images:
                 if len(data) > self.ctx.max_image_bytes:
                     raise PayloadTooLarge(f"an IMAGE element is {len(data)} bytes, over the limit of "
                                           f"{self.ctx.max_image_bytes}", reason="too_large")
-            images = await asyncio.gather(*(dispatcher.preprocess(d, view.meta) for d in parsed.images))
-            normalized = False
-        else:
-            assert parsed.pixels is not None
-            images, normalized = list(torch.from_numpy(parsed.pixels)), True
-        k = max([o.classification for o in parsed.outputs] + [1])
-        results = await asyncio.gather(*(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized,
-                                                         following=len(images) - 1 - i) for i, image in enumerate(images)))
+        with self.ctx.admit(parsed.batch_size) as ticket:  # the whole request, or none of it
+            results = await self._run(request, parsed, slot, view.meta, deadline, ticket)
         served = results[0]
         body, headers = encode_infer_response(
             model_name=self.ctx.model_name, model_version=served.version, request=parsed,
@@ -113,6 +112,19 @@ class V2Routes:
         )
         return Response(body, headers={**headers, **model_headers(served)})
 
+
+    async def _run(self, request: Request, parsed: InferRequest, slot: str, meta: CheckpointMeta, deadline: float,
+                   ticket: Ticket) -> list[Result]:
+        if parsed.images is not None:
+            images = await asyncio.gather(*(self.ctx.dispatcher.preprocess(d, meta) for d in parsed.images))
+            normalized = False
+        else:
+            assert parsed.pixels is not None
+            images, normalized = list(torch.from_numpy(parsed.pixels)), True
+        k = max([o.classification for o in parsed.outputs] + [1])
+        return await asyncio.gather(*(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized,
+                                                     deadline=deadline, ticket=ticket, following=len(images) - 1 - i)
+                                      for i, image in enumerate(images)))
 
     def _labels(self, version: str) -> list[str]:
         """Class names of the version that answered (the canary may have other classes)."""

@@ -26,6 +26,7 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from models.finetune import resolve_device
+from service.admission import QueueLedger
 from service.engine import Answer, Engine, Item, resolve_precision
 from service.follower import SlotFollower
 from service.metrics import Metrics
@@ -47,15 +48,20 @@ class WorkerConfig:
     timeout_s: float
     log_level: str = "info"
     decode_on_worker: bool = False
+    solo_threads: int = 0  # intra-op threads for a batch that runs alone (no other worker busy, nothing queued); 0: threads
+    max_queue_wait_s: float = 0.0  # 0: no limit but each item's deadline
 
 
 class ClassifierAPI(ls.LitAPI):
     """LitAPI hooks, each one call into ``Engine``; the logic lives where it can be unit-tested."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, ledger: QueueLedger | None = None) -> None:
         super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout_s,
                          api_path="/predict", loop=InferenceLoop())
         self.config = config
+        self.ledger = ledger
+        self.index = 0
+        self._threads = config.threads
         self.engine: Engine | None = None
         self.follower: SlotFollower | None = None
         self.metrics: Metrics | None = None
@@ -64,6 +70,9 @@ class ClassifierAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process orchestrates shutdown
         logging.basicConfig(level=self.config.log_level.upper(), format="%(message)s")  # a spawned process
         torch.set_num_threads(self.config.threads)
+        self.index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        if self.ledger is not None:
+            self.ledger.set_busy(self.index, False)  # a restarted worker: its predecessor may have died mid-batch
         torch_device = resolve_device(self.config.device)
         self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device))
         worker_id = os.environ.get("LITSERVE_WORKER_ID", str(os.getpid()))
@@ -80,6 +89,31 @@ class ClassifierAPI(ls.LitAPI):
         """Control point: runs in the worker before every batch and every idle poll."""
         assert self.follower is not None
         self.follower.poll()
+
+    def took(self, count: int, refusals: list[str]) -> None:
+        """``count`` items left the queue, the ``refusals`` (their reasons) without running."""
+        if self.ledger is not None:
+            self.ledger.take(count)
+        if self.metrics is not None:
+            for reason in refusals:
+                self.metrics.rejected.labels(reason).inc()
+
+    def begin_batch(self) -> None:
+        """Intra-op threads for the coming batch: every core when it runs alone (no other worker busy,
+        nothing else queued: a lone client), else this worker's share, so that busy workers never
+        oversubscribe the cores."""
+        if self.ledger is None:
+            return
+        others = self.ledger.begin_batch(self.index)
+        solo = self.config.solo_threads if others == 0 and self.ledger.depth() == 0 else 0
+        threads = solo or self.config.threads
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
+
+    def end_batch(self) -> None:
+        if self.ledger is not None:
+            self.ledger.set_busy(self.index, False)
 
     def observe(self, batch_size: int) -> None:
         """Per-batch metrics, counted once in the worker that ran the batch."""
@@ -126,6 +160,19 @@ def _more_coming(entry: Any) -> bool:
     return not isinstance(payload, dict) or payload.get("arriving", 1) > 0
 
 
+def _refusal(arrived: float, payload: Any, now: float, config: WorkerConfig) -> dict[str, Any] | None:
+    """The answer for a queued item that must not run (its deadline passed, or it waited past
+    --max-queue-wait-ms), else None. Times are time.monotonic, which is one clock for every process."""
+    deadline = payload.get("deadline") if isinstance(payload, dict) else None
+    if now > (deadline if deadline is not None else arrived + config.timeout_s):
+        return {"status": 504, "error": f"deadline passed after {now - arrived:.3f} s waiting for a worker; not run",
+                "reason": "deadline"}
+    if config.max_queue_wait_s and now - arrived > config.max_queue_wait_s:
+        return {"status": 503, "error": f"overloaded: waited {(now - arrived) * 1000:.0f} ms for a worker, over "
+                f"--max-queue-wait-ms {config.max_queue_wait_s * 1000:g}; not run", "reason": "overload"}
+    return None
+
+
 class InferenceLoop(BatchedLoop):
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
         """Block briefly for a first request, drain the queue, then wait up to batch_timeout while
@@ -147,27 +194,36 @@ class InferenceLoop(BatchedLoop):
                     entries.append(request_queue.get(timeout=remaining))
                 except Empty:
                     break
-        if any(e == _SENTINEL_VALUE for e in entries):
-            raise _StopLoopError()
-        now, ready, late = time.monotonic(), [], []
-        for response_queue_id, uid, arrived, payload in entries:
-            target = late if now - arrived > lit_api.config.timeout_s else ready
-            target.append((response_queue_id, uid, payload) if target is ready else (response_queue_id, uid))
-        return ready, late
+        taken = [e for e in entries if e != _SENTINEL_VALUE]
+        now, ready, refused = time.monotonic(), [], []
+        for response_queue_id, uid, arrived, payload in taken:
+            refusal = _refusal(arrived, payload, now, lit_api.config)
+            if refusal is None:
+                ready.append((response_queue_id, uid, payload))
+            else:
+                refused.append((response_queue_id, uid, refusal))
+        lit_api.took(len(taken), [r["reason"] for _, _, r in refused])
+        if len(taken) < len(entries):
+            raise _StopLoopError()  # shutting down: what was taken is dropped, its clients are being drained
+        return ready, refused
 
     def run_batched_loop(self, lit_api: ClassifierAPI, request_queue: Any, transport: Any,  # type: ignore[override]
                          callback_runner: Any, lit_spec: Any = None) -> None:
         while True:
             lit_api.between_batches()
             try:
-                batch, late = self.get_batch_requests(lit_api, request_queue, transport)
+                batch, refused = self.get_batch_requests(lit_api, request_queue, transport)
             except _StopLoopError:
                 return
-            for response_queue_id, uid in late:
-                self._send(transport, response_queue_id, uid, {"status": 504, "error": "request timed out in the queue", "reason": "timeout"})
+            for response_queue_id, uid, refusal in refused:
+                self._send(transport, response_queue_id, uid, refusal)
             if batch:
                 started = time.monotonic()
-                responses = self._answer(lit_api, [p for _, _, p in batch])
+                lit_api.begin_batch()
+                try:
+                    responses = self._answer(lit_api, [p for _, _, p in batch])
+                finally:
+                    lit_api.end_batch()
                 try:  # before the answers: a client that has one sees it counted
                     lit_api.observe(len(batch))
                 except Exception:  # metrics must never cost answers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from queue import Empty
 from types import SimpleNamespace
 from typing import Any
@@ -49,8 +50,22 @@ def entry(uid: str, arriving: int | None) -> tuple:
     return (0, uid, 1e12, payload)  # arrived in the future: never late
 
 
-def api(max_batch_size: int = 8) -> SimpleNamespace:
-    return SimpleNamespace(batch_timeout=5.0, max_batch_size=max_batch_size, config=SimpleNamespace(timeout_s=30.0))
+class ScriptedAPI(SimpleNamespace):
+    """What the loop reads of ClassifierAPI, recording what it reports as taken and refused."""
+
+    def __init__(self, max_batch_size: int = 8, max_queue_wait_s: float = 0.0) -> None:
+        super().__init__(batch_timeout=5.0, max_batch_size=max_batch_size,
+                         config=SimpleNamespace(timeout_s=30.0, max_queue_wait_s=max_queue_wait_s))
+        self.taken: list[int] = []
+        self.refused: list[str] = []
+
+    def took(self, count: int, refusals: list[str]) -> None:
+        self.taken.append(count)
+        self.refused.extend(refusals)
+
+
+def api(max_batch_size: int = 8, max_queue_wait_s: float = 0.0) -> ScriptedAPI:
+    return ScriptedAPI(max_batch_size, max_queue_wait_s)
 
 
 def uids(batch: list[tuple]) -> list[str]:
@@ -83,6 +98,23 @@ def test_without_a_hint_the_worker_waits_as_before() -> None:
     batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
     assert uids(batch) == ["a", "b"]
     assert len(queue.waits) == 2  # waited for b, then once more until the timeout ran out
+
+
+def test_items_past_their_deadline_or_the_queue_wait_are_refused_without_running() -> None:
+    now = time.monotonic()
+    queue = ScriptedQueue([
+        (0, "fresh", now, {"slot": "stable", "arriving": 3, "deadline": now + 30}),
+        (0, "expired", now - 1, {"slot": "stable", "arriving": 2, "deadline": now - 0.5}),
+        (0, "stale", now - 2, {"slot": "stable", "arriving": 1, "deadline": now + 30}),
+        (0, "old", now - 40, {"slot": "stable", "arriving": 0}),  # no deadline of its own: --timeout-s
+    ])
+    scripted = api(max_queue_wait_s=1.5)
+    batch, refused = InferenceLoop().get_batch_requests(scripted, queue, None)
+    assert uids(batch) == ["fresh"]
+    assert [(uid, r["status"], r["reason"]) for _, uid, r in refused] == [
+        ("expired", 504, "deadline"), ("stale", 503, "overload"), ("old", 504, "deadline")]
+    assert refused[1][2]["error"].startswith("overloaded: waited 2")
+    assert scripted.taken == [4] and scripted.refused == ["deadline", "overload", "deadline"]
 
 
 def test_a_full_batch_does_not_wait() -> None:
@@ -121,11 +153,31 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
         await asyncio.sleep(0)  # both are in the decode pool now
         for following in (3, 0):
             with pytest.raises(GatewayTimeout):  # nobody answers: only the put matters here
-                await dispatcher.infer(request(), image, slot="stable", top_k=1, following=following)
+                await dispatcher.infer(request(), image, slot="stable", top_k=1, following=following,
+                                       deadline=dispatcher.deadline())
         gate.set()
         await asyncio.gather(*decoding)
         with pytest.raises(GatewayTimeout):
-            await dispatcher.infer(request(), image, slot="stable", top_k=1)
+            await dispatcher.infer(request(), image, slot="stable", top_k=1, deadline=dispatcher.deadline(0.01))
 
     asyncio.run(scenario())
     assert [p["arriving"] for p in server.puts] == [2 + 3, 2, 0]
+
+
+def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_travels_with_the_item() -> None:
+    server = CapturingServer()
+    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=1)
+    before = time.monotonic()
+    default, shorter, longer = dispatcher.deadline(), dispatcher.deadline(0.01), dispatcher.deadline(60)
+    after = time.monotonic()
+    assert before + 0.05 <= default <= after + 0.05
+    assert before + 0.01 <= shorter <= after + 0.01
+    assert before + 0.05 <= longer <= after + 0.05  # a request cannot ask for more than --timeout-s
+
+    async def scenario() -> None:
+        with pytest.raises(GatewayTimeout):
+            await dispatcher.infer(request(), torch.zeros(3, 4, 4, dtype=torch.uint8), slot="stable", top_k=1,
+                                   deadline=shorter)
+
+    asyncio.run(scenario())
+    assert server.puts[0]["deadline"] == shorter

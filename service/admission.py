@@ -1,0 +1,161 @@
+"""Load shedding: a bounded queue, summed over every process of one server.
+
+``QueueLedger`` is a few integers in shared memory, created by the main process before the API
+servers fork and handed to the spawned workers with their LitAPI: the images admitted and not
+yet taken by a worker (``depth``), the images workers have taken since start (``taken``, the
+drain rate's clock) and which workers are running a batch now (``busy``, for their thread
+counts). An API server admits a request's images (all of them or none) before decoding them; a
+worker takes them off the count when it takes them off the queue. The bound is therefore exact
+across API-server processes, and ``headswap_queue_depth`` is read from the same cells.
+
+``Admission`` is the API-server side: the bound (``--max-queue``), the drain rate measured from
+``taken``, and the 503 with ``Retry-After`` for a request over the bound.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from service.errors import Overloaded
+
+AUTO_QUEUE_S = 1.0  # auto bound: about this many seconds of work at the measured drain rate ...
+AUTO_QUEUE_MAX = 1024  # ... and at most this many images (each waits as a decoded tensor)
+RATE_SAMPLE_S = 0.5  # drain rate: one sample of ``taken`` per this interval ...
+RATE_SAMPLES = 10  # ... over the last this many samples (about 5 s)
+
+_DEPTH, _TAKEN = 0, 1
+
+
+class QueueLedger:
+    """Shared counters of one server's queue. Safe to use from any process it was handed to.
+
+    Built with the spawn context so that it travels to LitServe's spawned workers inside the
+    pickled LitAPI; forked API servers inherit the same memory.
+    """
+
+    def __init__(self, workers: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._lock = ctx.Lock()
+        self._cells = ctx.RawArray("q", 2)
+        self._busy = ctx.RawArray("b", max(1, workers))
+
+    def try_admit(self, n: int, bound: int) -> bool:
+        """Add ``n`` images unless that would pass ``bound`` (0: no bound). True when admitted."""
+        with self._lock:
+            if bound and self._cells[_DEPTH] + n > bound:
+                return False
+            self._cells[_DEPTH] += n
+            return True
+
+    def release(self, n: int) -> None:
+        """Admitted images that will not be queued after all (a bad image, an error)."""
+        if n:
+            with self._lock:
+                self._cells[_DEPTH] -= n
+
+    def take(self, n: int) -> None:
+        """A worker took ``n`` queued images off the queue (to run them or to refuse them)."""
+        if n:
+            with self._lock:
+                self._cells[_DEPTH] -= n
+                self._cells[_TAKEN] += n
+
+    def depth(self) -> int:
+        return max(0, self._cells[_DEPTH])
+
+    def taken(self) -> int:
+        return self._cells[_TAKEN]
+
+    def set_busy(self, worker: int, busy: bool) -> None:
+        with self._lock:
+            self._busy[worker % len(self._busy)] = busy
+
+    def begin_batch(self, worker: int) -> int:
+        """Mark ``worker`` busy; returns how many other workers are busy. One step under the lock, so
+        of two workers starting together at least one sees the other."""
+        me = worker % len(self._busy)
+        with self._lock:
+            self._busy[me] = True
+            return sum(1 for i, busy in enumerate(self._busy) if busy and i != me)
+
+
+class Ticket:
+    """One request's admitted images: each is handed to the queue (``handed``) or given back at close."""
+
+    def __init__(self, ledger: QueueLedger, n: int) -> None:
+        self.ledger = ledger
+        self.pending = n
+
+    def handed(self) -> None:
+        """One image went into the queue: from now on the worker that takes it accounts for it."""
+        self.pending -= 1
+
+    def close(self) -> None:
+        self.ledger.release(self.pending)
+        self.pending = 0
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class DrainRate:
+    """Images per second taken off the queue, over the last few seconds (per process, no I/O)."""
+
+    def __init__(self, read: Callable[[], int], clock: Callable[[], float] = time.monotonic) -> None:
+        self.read = read
+        self.clock = clock
+        self.samples: deque[tuple[float, int]] = deque(maxlen=RATE_SAMPLES)
+
+    def __call__(self) -> float:
+        now, taken = self.clock(), self.read()
+        if not self.samples or now - self.samples[-1][0] >= RATE_SAMPLE_S:
+            self.samples.append((now, taken))
+        first_t, first_n = self.samples[0]
+        return (taken - first_n) / (now - first_t) if now - first_t >= RATE_SAMPLE_S else 0.0
+
+
+class Admission:
+    """The API-server side of shedding. ``bound`` is ``--max-queue``: an int (0: unbounded) or None
+    for auto: about ``AUTO_QUEUE_S`` of work at the measured drain rate, at least ``floor`` images
+    (two full batches per worker, so no worker ever waits for a batch to fill) and at most
+    ``AUTO_QUEUE_MAX`` (or ``floor`` if larger)."""
+
+    def __init__(self, ledger: QueueLedger, bound: int | None, floor: int, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ledger = ledger
+        self.fixed = bound
+        self.floor = floor
+        self.rate = DrainRate(ledger.taken, clock)
+
+    def bound(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        return min(max(self.floor, int(self.rate() * AUTO_QUEUE_S)), max(self.floor, AUTO_QUEUE_MAX))
+
+    def admit(self, n: int) -> Ticket:
+        """Admit ``n`` images (all or none). Raises Overloaded (503 with Retry-After) over the bound."""
+        bound = self.bound()
+        if not self.ledger.try_admit(n, bound):
+            depth = self.ledger.depth()
+            raise Overloaded(f"overloaded: {depth} images are waiting, the bound is {bound} (--max-queue); "
+                             f"retry after {self.retry_after()} s", retry_after=self.retry_after())
+        return Ticket(self.ledger, n)
+
+    def try_admit(self, n: int) -> Ticket | None:
+        """``admit`` for best-effort work (canary shadows): None instead of a 503."""
+        return Ticket(self.ledger, n) if self.ledger.try_admit(n, self.bound()) else None
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue, as it is now, has drained at the measured rate (at least 1)."""
+        rate = self.rate()
+        if rate <= 0:
+            return 1
+        return max(1, math.ceil(self.ledger.depth() / rate))

@@ -1,0 +1,174 @@
+"""The shared queue ledger and admission: all or none, exact across processes, Retry-After from the drain rate."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from service.admission import AUTO_QUEUE_MAX, Admission, DrainRate, QueueLedger
+from service.errors import Overloaded
+from service.worker import ClassifierAPI, WorkerConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_request_is_admitted_whole_or_refused_whole() -> None:
+    ledger = QueueLedger(workers=2)
+    admission = Admission(ledger, bound=5, floor=1)
+    first = admission.admit(3)
+    with pytest.raises(Overloaded) as refused:
+        admission.admit(3)  # 3 + 3 > 5: none of the three is admitted
+    assert ledger.depth() == 3
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert str(refused.value).startswith("overloaded: 3 images are waiting, the bound is 5")
+    second = admission.admit(2)
+    assert ledger.depth() == 5
+    first.close()
+    second.close()
+    assert ledger.depth() == 0
+
+
+def test_handed_images_leave_the_count_when_a_worker_takes_them_the_rest_at_close() -> None:
+    ledger = QueueLedger(workers=1)
+    with Admission(ledger, bound=0, floor=1).admit(4) as ticket:  # 0: unbounded
+        ticket.handed()
+        ticket.handed()  # two queued; the other two failed to decode
+    assert ledger.depth() == 2  # the queued two wait for a worker
+    ledger.take(2)
+    assert ledger.depth() == 0 and ledger.taken() == 2
+
+
+def _admit_many(ledger: QueueLedger, tries: int, results: mp.Queue) -> None:
+    admission = Admission(ledger, bound=50, floor=1)
+    admitted = 0
+    for _ in range(tries):
+        try:
+            admission.admit(1)  # never closed: held until the parent checks
+            admitted += 1
+        except Overloaded:
+            pass
+    results.put(admitted)
+
+
+def test_the_bound_holds_summed_over_processes() -> None:
+    ledger = QueueLedger(workers=1)
+    results: mp.Queue = mp.get_context("fork").Queue()
+    procs = [mp.get_context("fork").Process(target=_admit_many, args=(ledger, 40, results)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(30)
+    counts = [results.get(timeout=5) for _ in procs]
+    assert sum(counts) == 50 and ledger.depth() == 50  # 160 tries by 4 processes, exactly the bound admitted
+
+
+def _take_in_spawned(ledger: QueueLedger) -> None:
+    ledger.take(3)
+
+
+def test_a_spawned_process_shares_the_ledger_as_a_worker_does() -> None:
+    ledger = QueueLedger(workers=1)
+    Admission(ledger, bound=0, floor=1).admit(5)
+    proc = mp.get_context("spawn").Process(target=_take_in_spawned, args=(ledger,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert ledger.depth() == 2 and ledger.taken() == 3
+
+
+def test_retry_after_is_the_time_to_drain_the_queue_at_the_measured_rate() -> None:
+    ledger, clock = QueueLedger(workers=1), Clock()
+    admission = Admission(ledger, bound=100, floor=1, clock=clock)
+    admission.admit(100)
+    assert admission.retry_after() == 1  # nothing measured yet
+    for _ in range(8):  # 10 images taken every 0.5 s: 20 images/s
+        clock.now += 0.5
+        ledger.take(10)
+        admission.rate()
+    # 20 left after 80 taken; new arrivals refill it to 90
+    admission.admit(70)
+    assert ledger.depth() == 90
+    assert admission.retry_after() == 5  # ceil(90 / 20)
+
+
+def test_auto_bound_is_a_second_of_work_at_least_the_floor_at_most_the_cap() -> None:
+    ledger, clock = QueueLedger(workers=1), Clock()
+    admission = Admission(ledger, bound=None, floor=64, clock=clock)
+    assert admission.bound() == 64  # no rate measured yet: the floor
+    for _ in range(4):
+        clock.now += 0.5
+        ledger.take(50)  # 100 images/s
+        admission.rate()
+    assert admission.bound() == 100
+    for _ in range(10):
+        clock.now += 0.5
+        ledger.take(5000)
+        admission.rate()
+    assert admission.bound() == AUTO_QUEUE_MAX
+
+
+def test_drain_rate_needs_half_a_second_of_history() -> None:
+    clock, taken = Clock(), [0]
+    rate = DrainRate(lambda: taken[0], clock)
+    assert rate() == 0.0
+    clock.now += 0.1
+    taken[0] = 10
+    assert rate() == 0.0  # 0.1 s is too short to say
+    clock.now += 0.9
+    taken[0] = 30
+    assert rate() == pytest.approx(30.0)
+
+
+def test_begin_batch_counts_the_other_busy_workers() -> None:
+    ledger = QueueLedger(workers=3)
+    assert ledger.begin_batch(0) == 0
+    assert ledger.begin_batch(2) == 1
+    ledger.set_busy(0, False)
+    assert ledger.begin_batch(1) == 1
+
+
+@pytest.fixture()
+def restore_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_batch_alone_takes_every_core_and_busy_workers_their_share(restore_threads: None) -> None:
+    ledger = QueueLedger(workers=2)
+    config = WorkerConfig(state_dir="", device="cpu", precision="fp32", threads=1, max_batch_size=4,
+                          batch_timeout_s=0.0, timeout_s=1.0, solo_threads=2)
+    worker = ClassifierAPI(config, ledger)  # worker 0
+    worker.begin_batch()
+    assert torch.get_num_threads() == 2  # a lone request: no other worker busy, nothing queued
+    worker.end_batch()
+    ledger.begin_batch(1)  # worker 1 is running a batch
+    worker.begin_batch()
+    assert torch.get_num_threads() == 1
+    worker.end_batch()
+    ledger.set_busy(1, False)
+    ticket = Admission(ledger, bound=0, floor=1).admit(1)  # an image waits: another worker takes it soon
+    worker.begin_batch()
+    assert torch.get_num_threads() == 1
+    worker.end_batch()
+    ticket.close()
+    worker.begin_batch()
+    assert torch.get_num_threads() == 2
+
+
+def test_one_worker_or_a_gpu_keeps_its_threads(restore_threads: None) -> None:
+    config = WorkerConfig(state_dir="", device="cpu", precision="fp32", threads=2, max_batch_size=4,
+                          batch_timeout_s=0.0, timeout_s=1.0)  # solo_threads 0: no adapting
+    torch.set_num_threads(2)
+    worker = ClassifierAPI(config, QueueLedger(workers=1))
+    worker.begin_batch()
+    assert torch.get_num_threads() == 2

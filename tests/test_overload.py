@@ -1,0 +1,173 @@
+"""Load shedding, deadlines and readiness of every listener, against real servers.
+
+Workers are paused with SIGSTOP where a test needs a queue that does not drain: what the
+server admits, refuses and later refuses to run is then exact, with no timing in the asserts.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.images import jpeg
+from tests.server import HEADSWAP, Server, free_port, run_server
+from tests.test_hotswap import TOKEN, admin, metric_value
+
+IMAGE = jpeg(3)
+ADMIN = {"HEADSWAP_ADMIN_TOKEN": TOKEN}
+
+
+def burst(server: Server, count: int, *, path: str = "/predict", headers: dict | None = None,
+          body: bytes = IMAGE) -> list[requests.Response]:
+    """``count`` requests released together from their own threads; every response, in no order."""
+    gate = threading.Barrier(count)
+    responses: list[requests.Response] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        gate.wait(30)
+        r = requests.post(f"{server.url}{path}", data=body, timeout=60,
+                          headers={"Content-Type": "image/jpeg", **(headers or {})})
+        with lock:
+            responses.append(r)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    return responses
+
+
+@contextmanager
+def paused_workers(server: Server) -> Iterator[list[int]]:
+    pids = [w["pid"] for w in admin(server, "GET", "models").json()["workers"].values()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_a_burst_over_a_tiny_bound_is_shed_at_once_and_every_admitted_request_answered(
+        resnet18_ckpt: Path, tmp_path: Path) -> None:
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "1", "--max-batch-size", "1",
+                    "--max-queue", "2") as srv:
+        responses = burst(srv, 32)
+        statuses = sorted(r.status_code for r in responses)
+        shed = [r for r in responses if r.status_code == 503]
+        assert set(statuses) == {200, 503} and len(responses) == 32, statuses
+        for r in shed:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"].startswith("overloaded: ")
+        assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == len(shed)
+        assert metric_value(srv, 'headswap_requests_total{endpoint="predict",status="503"}') == len(shed)
+        assert metric_value(srv, "headswap_queue_depth") == 0
+        assert requests.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+def test_the_bound_holds_over_api_processes_and_late_items_never_run(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """Two workers, so two API-server processes; with the workers paused nothing leaves the queue:
+    exactly --max-queue images are admitted however the requests spread over the processes. The
+    admitted ones ask for a 3 s deadline, get a 504, and the workers refuse them without a forward pass."""
+    bound = 5
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2", "--max-queue", str(bound),
+                    env=ADMIN) as srv:
+        batches_before = metric_value(srv, "headswap_batch_size_count")
+        with paused_workers(srv):
+            responses = burst(srv, 16, headers={"X-Request-Timeout-Ms": "3000"})
+            depth = metric_value(srv, "headswap_queue_depth")
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [503] * (16 - bound) + [504] * bound, statuses
+        assert depth == bound
+        for r in responses:
+            if r.status_code == 504:
+                assert "deadline" in r.json()["error"]
+        # once they run again the workers take the expired items and refuse them
+        deadline_refusals = 0.0
+        for _ in range(200):
+            deadline_refusals = metric_value(srv, 'headswap_rejected_total{reason="deadline"}')
+            if deadline_refusals == bound:
+                break
+            threading.Event().wait(0.05)
+        assert deadline_refusals == bound
+        assert metric_value(srv, "headswap_batch_size_count") == batches_before  # no forward pass for them
+        assert metric_value(srv, "headswap_queue_depth") == 0
+        assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 16 - bound
+
+
+def test_a_v2_request_is_admitted_or_refused_whole_and_takes_its_timeout_parameter(
+        resnet18_ckpt: Path, tmp_path: Path) -> None:
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "1", "--max-queue", "3", env=ADMIN) as srv:
+        name = requests.get(f"{srv.url}/ready").json()["model"]
+
+        def v2(count: int, parameters: dict | None = None) -> dict:
+            data = [base64.b64encode(IMAGE).decode()] * count
+            return {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [count], "data": data}],
+                    **({"parameters": parameters} if parameters else {})}
+
+        url = f"{srv.url}/v2/models/{name}/infer"
+        assert requests.post(url, json=v2(3)).status_code == 200
+        r = requests.post(url, json=v2(4))  # more than the whole bound: refused whole, nothing queued
+        assert r.status_code == 503 and r.json()["error"].startswith("overloaded: ") and "Retry-After" in r.headers
+        assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 4
+        with paused_workers(srv):
+            r = requests.post(url, json=v2(2, {"timeout": 500_000}))  # 0.5 s, in microseconds as Triton's
+        assert r.status_code == 504
+        for bad in ({"timeout": -1}, {"timeout": "soon"}, {"timeout": 1.5}):
+            r = requests.post(url, json=v2(1, bad))
+            assert r.status_code == 400 and "parameters.timeout" in r.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "1.5", "1e3", "１２"])
+def test_a_malformed_timeout_header_is_a_400(server: Server, value: str) -> None:
+    r = requests.post(f"{server.url}/predict", data=IMAGE,
+                      headers={"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": value.encode().decode("latin-1")})
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("X-Request-Timeout-Ms must be a positive whole number of milliseconds")
+
+
+def test_a_generous_timeout_header_changes_nothing(server: Server) -> None:
+    r = requests.post(f"{server.url}/predict", data=IMAGE,
+                      headers={"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": "600000"})
+    assert r.status_code == 200
+
+
+def test_ready_means_every_listener_answers(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """Right after the first /ready 200, with no retry, the admin and metrics ports answer."""
+    admin_port, metrics_port = free_port(), free_port()
+    with run_server(resnet18_ckpt, tmp_path, "--admin-port", str(admin_port), "--metrics-port", str(metrics_port),
+                    env=ADMIN) as srv:  # run_server returns at the first /ready 200
+        models = requests.get(f"http://127.0.0.1:{admin_port}/admin/models",
+                              headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert models.status_code == 200 and models.json()["stable"]["arch"] == "resnet18"
+        assert metrics.status_code == 200 and "headswap_queue_depth" in metrics.text
+        assert requests.get(f"{srv.url}/v2/health/ready").json() == {"ready": True}
+
+
+@pytest.mark.parametrize("which", ["--admin-port", "--metrics-port", "--port"])
+def test_a_taken_port_fails_start_up_with_one_line(resnet18_ckpt: Path, tmp_path: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": str(free_port()), which: str(port)}
+        proc = subprocess.run([HEADSWAP, "serve", "--checkpoint", str(resnet18_ckpt), *sum(ports.items(), ())],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, **ADMIN},
+                              start_new_session=True)
+    what = {"--admin-port": "admin port", "--metrics-port": "metrics port", "--port": "server"}[which]
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"headswap: error: cannot listen on 127.0.0.1:{port} for the {what}: Address already in use"
