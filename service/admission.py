@@ -90,14 +90,19 @@ class Ticket:
     def __init__(self, ledger: QueueLedger, n: int) -> None:
         self.ledger = ledger
         self.pending = n
+        self.closed = False
 
     def handed(self) -> None:
         """One image went into the queue: from now on the worker that takes it accounts for it."""
-        self.pending -= 1
+        if self.closed:  # queued after the request gave its images back: count it again, the worker will take it
+            self.ledger.release(-1)
+        else:
+            self.pending -= 1
 
     def close(self) -> None:
         self.ledger.release(self.pending)
         self.pending = 0
+        self.closed = True
 
     def __enter__(self) -> Ticket:
         return self

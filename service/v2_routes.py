@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Iterable
 from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from service.v2_protocol import InferRequest, encode_infer_response, model_metad
 
 MAX_BATCH = 64                         # images in one V2 request
 MAX_ELEMENTS = MAX_BATCH * 3 * 512 * 512  # PIXELS numbers in one V2 request
+T = TypeVar("T")
 V2_BODY_FACTOR = 4                     # a V2 body may hold several images: 4x --max-image-bytes
 
 
@@ -116,15 +119,14 @@ class V2Routes:
     async def _run(self, request: Request, parsed: InferRequest, slot: str, meta: CheckpointMeta, deadline: float,
                    ticket: Ticket) -> list[Result]:
         if parsed.images is not None:
-            images = await asyncio.gather(*(self.ctx.dispatcher.preprocess(d, meta) for d in parsed.images))
+            images = await _all(self.ctx.dispatcher.preprocess(d, meta) for d in parsed.images)
             normalized = False
         else:
             assert parsed.pixels is not None
             images, normalized = list(torch.from_numpy(parsed.pixels)), True
         k = max([o.classification for o in parsed.outputs] + [1])
-        return await asyncio.gather(*(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized,
-                                                     deadline=deadline, ticket=ticket, following=len(images) - 1 - i)
-                                      for i, image in enumerate(images)))
+        return await _all(self.ctx.infer(request, image, slot=slot, top_k=k, normalized=normalized, deadline=deadline,
+                                         ticket=ticket, following=len(images) - 1 - i) for i, image in enumerate(images))
 
     def _labels(self, version: str) -> list[str]:
         """Class names of the version that answered (the canary may have other classes)."""
@@ -132,6 +134,16 @@ class V2Routes:
             if view.version == version:
                 return view.meta.class_names
         return []
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Every call's result; once all have finished (none is left running past the request and
+    its admission), the first error among them is raised."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def _path_param(name: str) -> dict[str, object]:

@@ -47,6 +47,18 @@ def test_handed_images_leave_the_count_when_a_worker_takes_them_the_rest_at_clos
     assert ledger.depth() == 0 and ledger.taken() == 2
 
 
+def test_an_image_queued_after_its_request_closed_is_still_counted_until_taken() -> None:
+    ledger = QueueLedger(workers=1)
+    ticket = Admission(ledger, bound=0, floor=1).admit(2)
+    ticket.handed()
+    ticket.close()  # the request ended (an error) while one image was still on its way
+    assert ledger.depth() == 1
+    ticket.handed()  # ... and it was queued after all
+    assert ledger.depth() == 2
+    ledger.take(2)
+    assert ledger.depth() == 0
+
+
 def _admit_many(ledger: QueueLedger, tries: int, results: mp.Queue) -> None:
     admission = Admission(ledger, bound=50, floor=1)
     admitted = 0

@@ -123,6 +123,11 @@ def test_a_v2_request_is_admitted_or_refused_whole_and_takes_its_timeout_paramet
         r = requests.post(url, json=v2(4))  # more than the whole bound: refused whole, nothing queued
         assert r.status_code == 503 and r.json()["error"].startswith("overloaded: ") and "Retry-After" in r.headers
         assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 4
+        mixed = v2(3)
+        mixed["inputs"][0]["data"][1] = base64.b64encode(b"not an image").decode()
+        r = requests.post(url, json=mixed)
+        assert r.status_code == 400
+        assert metric_value(srv, "headswap_queue_depth") == 0  # the good two were answered, the bad one given back
         with paused_workers(srv):
             r = requests.post(url, json=v2(2, {"timeout": 500_000}))  # 0.5 s, in microseconds as Triton's
         assert r.status_code == 504
