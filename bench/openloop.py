@@ -254,12 +254,15 @@ def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
     wall = t1 - t0
     inside = [i for i, start in enumerate(rec["start"]) if t0 <= start < t1]
     latency = {200: [], 503: []}
+    sent_503 = []  # from the write instead of the scheduled time: the server's part alone, without the generator's lag
     statuses: dict[str, int] = {}
     for i in inside:
         status = rec["status"][i]
         statuses[str(status)] = statuses.get(str(status), 0) + 1
         if status in latency:
             latency[status].append((rec["end"][i] - rec["start"][i]) * 1000)
+        if status == 503:
+            sent_503.append((rec["end"][i] - rec["start"][i] - rec["lag"][i]) * 1000)
     lag = [rec["lag"][i] * 1000 for i in inside]
     answered = sum(1 for end, status in zip(rec["end"], rec["status"]) if status == 200 and t0 <= end < t1)
     edges = result["edges"]
@@ -279,6 +282,7 @@ def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
         "no_answer": statuses.get("0", 0), "errors": result["errors"], "abandoned": result["abandoned"],
         "p50_ms": percentile(latency[200], 50), "p99_ms": percentile(latency[200], 99),
         "p50_503_ms": percentile(latency[503], 50), "p99_503_ms": percentile(latency[503], 99),
+        "p99_503_sent_ms": percentile(sent_503, 99),
         "lag_p50_ms": percentile(lag, 50), "lag_p99_ms": p99_lag, "lag_max_ms": max(lag, default=float("nan")),
         "late": sum(1 for x in lag if x > LATE_MS), "behind": p99_lag > LATE_MS,
         "most_open": result["most_open"], "max_connections": result["max_connections"],
