@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadSpec, finish_load, scrape, start_load
@@ -41,8 +43,8 @@ def settle(port: int, limit_s: float) -> float:
 
 
 def open_loop_points(port: int, sid: int, spec: LoadSpec, saturation: float, factors: tuple[float, ...],
-                     warmup_s: float, measure_s: float, drain_s: float, label: str, work: Any,
-                     say: Any) -> list[dict[str, Any]]:
+                     warmup_s: float, measure_s: float, drain_s: float, label: str, work: Path,
+                     say: Callable[[str], None]) -> list[dict[str, Any]]:
     """One open-loop point per factor against the server on ``port`` (session ``sid``)."""
     points = []
     for i, factor in enumerate(factors):
