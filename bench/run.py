@@ -204,7 +204,7 @@ def bare_model(checkpoint: Path, plan: Plan, threads: int) -> dict[str, Any]:
     one = next(r for r in served if r["batch"] == 1)
     at_mbs = next((r for r in served if r["batch"] == plan.max_batch_size), None)
     return {"threads": threads, "runs": runs, "best": best, "batch1_ms": one["ms_per_batch"],
-            "at_server_batch": at_mbs, "input_size": meta.input_size}
+            "at_server_batch": at_mbs}
 
 
 def _time_forward(net: torch.nn.Module, x: torch.Tensor, plan: Plan) -> list[float]:
