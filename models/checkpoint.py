@@ -13,103 +13,33 @@ tensors, so the same weights have the same version in either encoding.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import json
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from models import safetensors_format
-from models.archs import get_spec
 from models.errors import CheckpointError, UnsafeCheckpointError
-
-FORMAT_VERSION = 1
-SUFFIXES = (".safetensors", ".pt", ".pth")
-VERSION_DIGITS = 12
-_META_KEY = "headswap"
+from models.meta import (  # noqa: F401 -- FORMAT_VERSION, SUFFIXES, VERSION_DIGITS, utc_now: importable from here too
+    FORMAT_VERSION,
+    META_KEY,
+    SUFFIXES,
+    VERSION_DIGITS,
+    CheckpointMeta,
+    bare_meta,
+    content_version,
+    meta_from,
+    meta_from_safetensors,
+    read_checkpoint_file,
+    utc_now,
+)
 
 State = dict[str, torch.Tensor]
-
-
-@dataclass
-class CheckpointMeta:
-    """What a checkpoint says about itself: enough to rebuild, preprocess and label."""
-
-    arch: str
-    num_classes: int
-    class_names: list[str]
-    input_size: int
-    resize_size: int
-    mean: list[float]
-    std: list[float]
-    interpolation: str = "bilinear"
-    name: str = ""
-    created_at: str = ""
-    parent_version: str | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-    partial: bool = False
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    @classmethod
-    def for_arch(
-        cls, arch: str, class_names: list[str], **fields: Any
-    ) -> CheckpointMeta:
-        """Metadata for ``arch`` with its table defaults for preprocessing."""
-        spec = get_spec(arch)
-        defaults: dict[str, Any] = dict(
-            input_size=spec.input_size,
-            resize_size=spec.resize_size,
-            interpolation=spec.interpolation,
-            mean=list(spec.mean),
-            std=list(spec.std),
-            name=arch,
-            created_at=utc_now(),
-        )
-        defaults.update(fields)
-        return cls(arch=arch, num_classes=len(class_names), class_names=list(class_names), **defaults)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, path: str = "<meta>") -> CheckpointMeta:
-        """Validate and build from a plain dict; raises CheckpointError naming the bad field."""
-        if not isinstance(data, dict):
-            raise CheckpointError(path, f"metadata must be an object, found {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = {"arch", "num_classes", "class_names"} - set(data)
-        if missing:
-            raise CheckpointError(path, f"metadata lacks {', '.join(sorted(missing))}")
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise CheckpointError(
-                path, f"format_version {data['format_version']} is newer than this headswap reads ({FORMAT_VERSION})"
-            )
-        filled = {k: v for k, v in data.items() if k in known}
-        try:
-            spec = get_spec(str(data["arch"]))
-        except ValueError as exc:
-            raise CheckpointError(path, str(exc)) from None
-        filled.setdefault("input_size", spec.input_size)
-        filled.setdefault("resize_size", spec.resize_size)
-        filled.setdefault("mean", list(spec.mean))
-        filled.setdefault("std", list(spec.std))
-        meta = cls(**filled)
-        if not isinstance(meta.num_classes, int) or meta.num_classes < 1:
-            raise CheckpointError(path, f"num_classes must be a positive int, found {meta.num_classes!r}")
-        if len(meta.class_names) != meta.num_classes:
-            raise CheckpointError(
-                path, f"{len(meta.class_names)} class names for num_classes={meta.num_classes}"
-            )
-        return meta
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -118,22 +48,19 @@ class LoadedCheckpoint(NamedTuple):
     version: str
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def state_version(state: State) -> str:
     """Content hash of a state: sha256 over names, dtypes, shapes and bytes, sorted by name.
 
-    Returns the first 12 hex digits. Independent of the file encoding and of the device.
+    Returns the first 12 hex digits (``models.meta.content_version``). Independent of the file
+    encoding and of the device.
     """
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(state[key].shape)}\0".encode())
-        if tensor.numel():
-            digest.update(memoryview(tensor.view(torch.uint8).numpy()))
-    return digest.hexdigest()[:VERSION_DIGITS]
+    return content_version(_hashed(key, state[key]) for key in sorted(state))
+
+
+def _hashed(key: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...], memoryview]:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return key, str(flat.dtype).removeprefix("torch."), tuple(tensor.shape), data
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: State, meta: CheckpointMeta) -> str:
@@ -152,7 +79,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: State, meta: Checkpoint
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
         with os.fdopen(fd, "wb") as fh:
             if path.suffix == ".safetensors":
-                safetensors_format.dump(state, {_META_KEY: json.dumps(meta.to_dict())}, fh)
+                safetensors_format.dump(state, {META_KEY: json.dumps(meta.to_dict())}, fh)
             else:
                 torch.save({"state_dict": state, "meta": meta.to_dict()}, fh)
             fh.flush()
@@ -180,21 +107,12 @@ def load_checkpoint(
     (the file holds pickled objects, e.g. a whole model).
     """
     where = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(where, f"cannot read: {exc.strerror or exc}") from None
-    if _looks_like_safetensors(data):
+    data = read_checkpoint_file(path)
+    if safetensors_format.looks_like_safetensors(data):
         state, meta = _read_safetensors(where, data, arch=arch, num_classes=num_classes)
     else:
         state, meta = _read_torch(where, data, arch=arch, num_classes=num_classes)
     return LoadedCheckpoint(state, meta, state_version(state))
-
-
-def _looks_like_safetensors(data: bytes) -> bool:
-    # torch.save writes a zip (PK\x03\x04) or legacy pickle (\x80); safetensors starts with a
-    # u64 length followed by '{'.
-    return len(data) > 9 and data[8:9] == b"{"
 
 
 def _read_safetensors(
@@ -204,13 +122,7 @@ def _read_safetensors(
         state, metadata = safetensors_format.loads(data)
     except safetensors_format.SafetensorsFormatError as exc:
         raise CheckpointError(where, f"corrupt safetensors file: {exc}") from None
-    if _META_KEY not in metadata:
-        return state, _bare_meta(where, arch, num_classes)
-    try:
-        raw = json.loads(metadata[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(where, f"headswap metadata is not JSON: {exc}") from None
-    return state, _meta_from(where, raw)
+    return state, meta_from_safetensors(where, metadata, arch=arch, num_classes=num_classes)
 
 
 def _read_torch(
@@ -228,24 +140,12 @@ def _read_torch(
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(where, f"not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "meta" in obj:
-        return _check_state(where, obj["state_dict"]), _meta_from(where, obj["meta"])
+        return _check_state(where, obj["state_dict"]), meta_from(where, obj["meta"])
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _check_state(where, obj), _bare_meta(where, arch, num_classes)
+        return _check_state(where, obj), bare_meta(where, arch, num_classes)
     raise CheckpointError(where, f"expected a state_dict or a headswap checkpoint, found {type(obj).__name__}")
-
-
-def _bare_meta(where: str, arch: str | None, num_classes: int | None) -> CheckpointMeta:
-    if arch is None or num_classes is None:
-        raise CheckpointError(
-            where, "a bare state_dict without headswap metadata: name its architecture and class "
-            "count (arch= and num_classes=, or --arch and --num-classes)"
-        )
-    try:
-        return CheckpointMeta.for_arch(arch, [str(i) for i in range(num_classes)], name=Path(where).stem)
-    except ValueError as exc:
-        raise CheckpointError(where, str(exc)) from None
 
 
 def _check_state(where: str, state: object) -> State:
@@ -254,13 +154,6 @@ def _check_state(where: str, state: object) -> State:
     ):
         raise CheckpointError(where, "state_dict must map names to tensors")
     return state
-
-
-def _meta_from(where: str, raw: Any) -> CheckpointMeta:
-    try:
-        return CheckpointMeta.from_dict(raw, path=where)
-    except TypeError as exc:
-        raise CheckpointError(where, f"malformed metadata: {exc}") from None
 
 
 def load_trusted_pickle(path: str | os.PathLike[str]) -> State:

@@ -1,4 +1,9 @@
-"""CLI verbs over checkpoints: archs, inspect, merge, slice, convert."""
+"""CLI verbs over checkpoints: archs, inspect, merge, slice, convert.
+
+torch and torchvision are imported inside the verbs that build or load tensors: ``archs``
+reads the architecture table and ``inspect`` a safetensors header, so both (and every
+``--help``) start without them.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,15 @@ import argparse
 import fnmatch
 import json
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from models.archs import ARCHS
+from models.errors import CheckpointError, UnsafeCheckpointError
+from models.meta import CheckpointMeta, utc_now
+from models.summary import summarize
 
-from models import (
-    ARCHS,
-    CheckpointError,
-    classifier_from_state,
-    count_parameters,
-    head_parameter_names,
-    load_checkpoint,
-    merge_state,
-    save_checkpoint,
-    skeleton,
-)
-from models.checkpoint import CheckpointMeta, load_trusted_pickle, utc_now
-from models.errors import UnsafeCheckpointError
-from models.merge import format_report
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -71,10 +67,8 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
-    rows = []
-    for arch, spec in sorted(ARCHS.items()):
-        num = count_parameters(skeleton(arch, 1000))
-        rows.append({"arch": arch, "head": spec.head, "input_size": spec.input_size, "num_parameters": num})
+    rows = [{"arch": arch, "head": spec.head, "input_size": spec.input_size, "num_parameters": spec.num_parameters}
+            for arch, spec in sorted(ARCHS.items())]
     if args.json:
         _print_json(rows)
     else:
@@ -85,28 +79,15 @@ def cmd_archs(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    loaded = load_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
-    params = dict(skeleton(loaded.meta.arch, loaded.meta.num_classes,
-                           arch_kwargs=loaded.meta.arch_kwargs).named_parameters())
-    dtypes: dict[str, int] = {}
-    for tensor in loaded.state.values():
-        name = str(tensor.dtype).removeprefix("torch.")
-        dtypes[name] = dtypes.get(name, 0) + 1
-    info = {
-        "version": loaded.version,
-        "num_parameters": sum(t.numel() for k, t in loaded.state.items() if k in params),
-        "dtypes": dtypes,
-        "partial": loaded.meta.partial,
-        "meta": loaded.meta.to_dict(),
-    }
+    summary = summarize(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     if args.json:
-        _print_json(info)
+        _print_json(summary.to_dict())
         return 0
-    meta = loaded.meta
-    print(f"{args.checkpoint}\n  version      {loaded.version}\n  name         {meta.name}")
+    meta, dtypes = summary.meta, summary.dtypes
+    print(f"{args.checkpoint}\n  version      {summary.version}\n  name         {meta.name}")
     print(f"  arch         {meta.arch}{' (partial)' if meta.partial else ''}")
     print(f"  classes      {meta.num_classes}: {', '.join(meta.class_names[:10])}{' ...' if meta.num_classes > 10 else ''}")
-    print(f"  parameters   {info['num_parameters']:,d} in {len(loaded.state)} tensors ({', '.join(f'{k}: {v}' for k, v in dtypes.items())})")
+    print(f"  parameters   {summary.num_parameters:,d} in {summary.num_tensors} tensors ({', '.join(f'{k}: {v}' for k, v in dtypes.items())})")
     print(f"  input        {meta.input_size}px (resize {meta.resize_size}, {meta.interpolation}), mean {meta.mean}, std {meta.std}")
     print(f"  created      {meta.created_at}  parent {meta.parent_version or '-'}")
     if meta.training:
@@ -115,6 +96,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.merge import format_report, merge_state
+
     target = load_checkpoint(args.into)
     if target.meta.partial:
         raise CheckpointError(args.into, "--into must be a full checkpoint, this one is partial")
@@ -131,6 +115,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_slice(args: argparse.Namespace) -> int:
+    from models.build import head_parameter_names, skeleton
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
     loaded = load_checkpoint(args.checkpoint)
     if args.head:
         model = skeleton(loaded.meta.arch, loaded.meta.num_classes, arch_kwargs=loaded.meta.arch_kwargs)
@@ -148,6 +135,9 @@ def cmd_slice(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from models.build import classifier_from_state
+    from models.checkpoint import load_checkpoint, load_trusted_pickle, save_checkpoint
+
     try:
         loaded = load_checkpoint(args.source, arch=args.arch, num_classes=args.num_classes)
         state, meta = loaded.state, loaded.meta

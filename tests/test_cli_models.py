@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import ARCHS, build_classifier, load_checkpoint, load_classifier, state_version
+from models import ARCHS, CheckpointMeta, build_classifier, load_checkpoint, load_classifier, save_checkpoint, skeleton
+from models import state_version
 from service.cli import main
 from tests.conftest import make_checkpoint
 
@@ -42,6 +43,73 @@ def test_inspect_json(capsys: pytest.CaptureFixture[str], resnet18_ckpt: Path) -
     assert {"arch", "num_classes", "class_names", "input_size", "mean", "std", "name", "created_at",
             "parent_version", "training"} <= set(info["meta"])
     assert info["meta"]["num_classes"] == 7
+
+
+def _inspect_by_building_the_model(path: Path, *extra: str) -> tuple[dict[str, object], str]:
+    """What `inspect` printed when it loaded every tensor and built the architecture to tell
+    parameters from buffers: the reference its torch-free reading of the header must match."""
+    kwargs = {"arch": extra[1], "num_classes": int(extra[3])} if extra else {}
+    loaded = load_checkpoint(path, **kwargs)  # type: ignore[arg-type]
+    params = dict(skeleton(loaded.meta.arch, loaded.meta.num_classes, arch_kwargs=loaded.meta.arch_kwargs)
+                  .named_parameters())
+    dtypes: dict[str, int] = {}
+    for tensor in loaded.state.values():
+        name = str(tensor.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    meta = loaded.meta
+    info = {"version": loaded.version, "num_parameters": sum(t.numel() for k, t in loaded.state.items() if k in params),
+            "dtypes": dtypes, "partial": meta.partial, "meta": meta.to_dict()}
+    text = (f"{path}\n  version      {loaded.version}\n  name         {meta.name}\n"
+            f"  arch         {meta.arch}{' (partial)' if meta.partial else ''}\n"
+            f"  classes      {meta.num_classes}: {', '.join(meta.class_names[:10])}{' ...' if meta.num_classes > 10 else ''}\n"
+            f"  parameters   {info['num_parameters']:,d} in {len(loaded.state)} tensors "
+            f"({', '.join(f'{k}: {v}' for k, v in dtypes.items())})\n"
+            f"  input        {meta.input_size}px (resize {meta.resize_size}, {meta.interpolation}), "
+            f"mean {meta.mean}, std {meta.std}\n"
+            f"  created      {meta.created_at}  parent {meta.parent_version or '-'}\n"
+            + (f"  training     {json.dumps(meta.training)}\n" if meta.training else ""))
+    return info, text
+
+
+@pytest.fixture(scope="module")
+def inspected(resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[str]]]:
+    """Checkpoints of every kind inspect reads: BatchNorm buffers, swin's relative-position buffers,
+    no buffers, bf16, a training summary, partial, .pt, and bare states named on the command line."""
+    tmp = tmp_path_factory.mktemp("inspect")
+    torch.manual_seed(0)
+    swin = build_classifier("swin_t", 3)
+    swin.features = swin.features[:2]  # a small file; its keys are still swin's, buffers included
+    swin_meta = CheckpointMeta.for_arch("swin_t", ["a", "b", "c"], training={"epochs": 1, "lr": 0.001})
+    save_checkpoint(tmp / "swin.safetensors", swin.state_dict(), swin_meta)
+    squeeze = build_classifier("squeezenet1_1", 12)
+    classes = [f"c{i}" for i in range(12)]
+    half = {k: v.to(torch.bfloat16) for k, v in squeeze.state_dict().items()}
+    save_checkpoint(tmp / "squeeze-bf16.safetensors", half, CheckpointMeta.for_arch("squeezenet1_1", classes))
+    assert main(["slice", str(resnet18_ckpt), "--out", str(tmp / "head.safetensors"), "--head"]) == 0
+    assert main(["convert", str(resnet18_ckpt), "--out", str(tmp / "r18.pt")]) == 0
+    from models.safetensors_format import dump
+
+    with open(tmp / "bare.safetensors", "wb") as fh:
+        dump(squeeze.state_dict(), {}, fh)
+    torch.save(squeeze.state_dict(), tmp / "bare.pth")
+    bare = ["--arch", "squeezenet1_1", "--num-classes", "12"]
+    return {"resnet18": (resnet18_ckpt, []), "swin": (tmp / "swin.safetensors", []),
+            "bf16": (tmp / "squeeze-bf16.safetensors", []), "partial": (tmp / "head.safetensors", []),
+            "pt": (tmp / "r18.pt", []), "bare": (tmp / "bare.safetensors", bare), "bare-pt": (tmp / "bare.pth", bare)}
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "swin", "bf16", "partial", "pt", "bare", "bare-pt"])
+def test_inspect_says_what_it_said_when_it_built_the_model(
+    capsys: pytest.CaptureFixture[str], inspected: dict[str, tuple[Path, list[str]]], kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path, extra = inspected[kind]
+    monkeypatch.setattr("models.meta.utc_now", lambda: "2026-01-02T03:04:05+00:00")  # a bare state's "created"
+    capsys.readouterr()
+    info, text = _inspect_by_building_the_model(path, *extra)
+    assert _run(capsys, "inspect", str(path), *extra) == (0, text, "")
+    code, out, _ = _run(capsys, "inspect", str(path), "--json", *extra)
+    assert code == 0 and json.loads(out) == info
 
 
 def test_slice_head_then_merge_changes_exactly_the_head(
