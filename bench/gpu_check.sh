@@ -9,7 +9,7 @@
 # (default build/gpu-check): the test log, BENCHMARKS-gpu*.md and results-gpu*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(litserve fastapi starlette uvicorn pydantic pydantic_core python-multipart annotated-types
+PACKAGES=(litserve fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv python-multipart annotated-types
           typing-inspection annotated-doc pyzmq opentelemetry-api)
 
 case "${1:-}" in

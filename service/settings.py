@@ -1,29 +1,53 @@
 """Typed server settings, read in one place: command line first, then HEADSWAP_<OPTION>, then defaults.
 
-Each field becomes ``--field-name`` and ``HEADSWAP_FIELD_NAME``; ``main()`` builds one
-``Settings`` and passes it down. Nothing else reads the environment.
+``Settings`` is a pydantic-settings model: each field becomes ``--field-name`` (argparse, so
+``--help`` shows every default) and is read from ``HEADSWAP_FIELD_NAME`` (exactly that name,
+upper case); the command line is handed over as init values, which win over the environment.
+``main()`` builds one ``Settings`` and passes it down. Nothing else reads the environment.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
+
+from pydantic import AliasGenerator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # pydantic alone would take "80.0" for an int
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("headswap_environ", default=None)
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
-    return field(default=default, metadata={"help": help, "choices": choices})
+def env_name(field: str) -> str:
+    return f"HEADSWAP_{field.upper()}"
 
 
-@dataclass(frozen=True)
-class Settings:
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, cli: bool = True) -> Any:  # noqa: A002
+    return Field(default, description=help, json_schema_extra={"choices": list(choices) if choices else None, "cli": cli})
+
+
+class _Environment(EnvSettingsSource):
+    """The environment source, reading ``from_sources``' mapping where one is given."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get()
+        return dict(os.environ if environ is None else environ)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        case_sensitive=True, frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
+        alias_generator=AliasGenerator(validation_alias=env_name),
+    )
+
     checkpoint: str = _opt("", "checkpoint to serve (.safetensors or .pt)")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
@@ -62,7 +86,28 @@ class Settings:
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, longest wait for in-flight requests")
     swap_timeout_s: float = _opt(120.0, "longest wait for every worker to switch to new weights")
     # Not an option: a token on the command line shows in `ps`. From HEADSWAP_ADMIN_TOKEN or the file.
-    admin_token: str = field(default="", repr=False, metadata={"cli": False})
+    admin_token: str = Field("", repr=False, json_schema_extra={"cli": False})
+
+    def __init__(self, **values: Any) -> None:
+        """Raises ValueError with one line naming every problem (pydantic's report, in our words)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ValueError(_problems(exc)) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str) and cls.model_fields[info.field_name].annotation in (int, "int") \
+                and not _INTEGER.fullmatch(value):
+            raise ValueError("not a whole number")
+        return value
 
     def admin_secret(self) -> str:
         """The admin token: HEADSWAP_ADMIN_TOKEN, else the first line of --admin-token-file, else ''."""
@@ -73,7 +118,8 @@ class Settings:
             return lines[0].strip() if lines else ""
         return ""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
         problems = []
         if self.workers_per_device < 0:
             problems.append(f"workers_per_device must be >= 0 (0: automatic), found {self.workers_per_device}")
@@ -96,11 +142,12 @@ class Settings:
             problems.append(f"port, admin_port and metrics_port must differ, found {self.port}, {self.admin_port}, "
                             f"{self.metrics_port}")
         for name in ("device", "precision", "log_level"):
-            choices = _FIELDS[name].metadata.get("choices")
+            choices = _choices(name)
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, found {getattr(self, name)!r}")
         if problems:
             raise ValueError("; ".join(problems))
+        return self
 
     @property
     def queue_bound(self) -> int | None:
@@ -116,21 +163,46 @@ class Settings:
         return Path(self.checkpoint_dir or Path(self.checkpoint).parent).resolve()
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+def _extra(name: str) -> dict[str, Any]:
+    extra = Settings.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def _choices(name: str) -> tuple[str, ...] | None:
+    choices = _extra(name).get("choices")
+    return tuple(choices) if choices else None
+
+
+def cli_fields() -> list[str]:
+    """The settings that are command-line options (all but the admin token)."""
+    return [name for name in Settings.model_fields if _extra(name).get("cli") is not False]
+
+
+def _problems(exc: ValidationError) -> str:
+    """One line for pydantic's errors: a value that is not of its field's type names its variable
+    (only the environment can give one: argparse checks the command line); the rest are ours."""
+    lines = []
+    for error in exc.errors():
+        if not error["loc"]:  # the model's own checks (_check)
+            lines.append(str(error["ctx"]["error"]) if "ctx" in error else error["msg"])
+            continue
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = field[len("HEADSWAP_"):].lower() if field.startswith("HEADSWAP_") else field
+        annotation = Settings.model_fields[name].annotation if name in Settings.model_fields else None
+        kind = getattr(annotation, "__name__", str(annotation))
+        lines.append(f"{env_name(name)}={error['input']!r} is not a valid {kind}" if name else error["msg"])
+    return "; ".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per settings field; defaults are left unset so env vars can fill in."""
-    hints = get_type_hints(Settings)
     # else argparse takes --admin-token TOKEN as an abbreviation of --admin-token-file
     parser.add_argument("--admin-token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
-    for name, f in _FIELDS.items():
-        if f.metadata.get("cli") is False:
-            continue
-        env = f"HEADSWAP_{name.upper()}"
+    for name in cli_fields():
+        info = Settings.model_fields[name]
         parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=hints[name], default=None,
-            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
+            f"--{name.replace('_', '-')}", dest=name, type=info.annotation, default=None, choices=_choices(name),
+            help=f"{info.description} [env {env_name(name)}; default {info.default!r}]",
         )
 
 
@@ -141,18 +213,17 @@ class _RefuseToken(argparse.Action):
 
 
 def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
-    """Command line, then ``HEADSWAP_*`` environment, then field defaults. Raises ValueError."""
-    environ = os.environ if environ is None else environ
-    hints = get_type_hints(Settings)
-    values: dict[str, Any] = {}
-    for name in _FIELDS:
-        value = getattr(args, name, None) if _FIELDS[name].metadata.get("cli") is not False else None
-        env = environ.get(f"HEADSWAP_{name.upper()}")
-        if value is None and env is not None:
-            try:
-                value = hints[name](env)
-            except ValueError:
-                raise ValueError(f"HEADSWAP_{name.upper()}={env!r} is not a valid {hints[name].__name__}") from None
-        if value is not None:
-            values[name] = value
-    return Settings(**values)
+    """Command line, then ``HEADSWAP_*`` environment (``environ``, else the process's), then field
+    defaults. Raises ValueError."""
+    given = {name: getattr(args, name, None) for name in cli_fields()}
+    with _environment(environ):
+        return Settings(**{name: value for name, value in given.items() if value is not None})
+
+
+@contextmanager
+def _environment(environ: Mapping[str, str] | None) -> Iterator[None]:
+    token = _ENVIRON.set(environ)
+    try:
+        yield
+    finally:
+        _ENVIRON.reset(token)
