@@ -4,20 +4,24 @@
 from scratch, from torchvision weights, or from a previous checkpoint's backbone (its head
 left out, a fresh one made for the new classes), trains with the seed's ``"head"`` or
 ``"all"`` policy, evaluates after every epoch and keeps the best-by-validation checkpoint on
-disk, written atomically, so an interrupted run leaves the best one so far.
+disk, written atomically, so an interrupted run leaves the best one so far. The defaults and
+their ``"auto"`` rules live in ``models/recipe.py``; a run states what they resolved to
+before it trains, and its expected duration after the first batches.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TextIO, get_args
+from typing import Any, NamedTuple, TextIO
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -27,16 +31,29 @@ from models.build import build_classifier, recorded_arch_kwargs
 from models.checkpoint import SUFFIXES, CheckpointMeta, LoadedCheckpoint, load_checkpoint, save_checkpoint, utc_now
 from models.errors import IncompatibleCheckpointError
 from models.merge import MergeReport, format_report, merge_state, strip_prefixes
-from models.policy import POLICIES, TrainPolicy, apply_policy, set_train_mode
+from models.policy import apply_policy, set_train_mode
+from models.progress import Estimate, ProgressBar, write
+from models.recipe import (  # noqa: F401 -- OPTIMIZERS, DEVICES, DEFAULT_WEIGHT_DECAY: importable from here too
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_OPTIMIZER,
+    DEFAULT_WEIGHT_DECAY,
+    DEVICES,
+    IMAGE_SIZE_SAMPLE,
+    OPTIMIZERS,
+    POLICIES,
+    SGD_MOMENTUM,
+    DeviceName,
+    OptimizerName,
+    TrainPolicy,
+    auto_image_size,
+    auto_lr,
+    check_image_size,
+)
 from models.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-OptimizerName = Literal["sgd", "adamw"]
-DeviceName = Literal["auto", "cpu", "cuda"]
-OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
-DEVICES: tuple[str, ...] = get_args(DeviceName)
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 AUX_LOSS_WEIGHT = 0.3  # the GoogLeNet paper's weight on each auxiliary classifier's loss
 FROM_MIN_MATCH = 0.5  # less than half of a --from checkpoint fitting is a wrong file, not a transfer
 
@@ -56,9 +73,11 @@ class DatasetError(ValueError):
 class FinetuneConfig:
     """One fine-tuning run. ``train="head"`` freezes the backbone (eval mode), ``"all"`` trains it.
 
-    ``lr`` is the peak of a warm-up-then-cosine schedule; ``weight_decay=None`` takes the
-    optimizer's default; ``num_threads=None`` keeps torch's intra-op thread count (one per core).
-    Construction raises ValueError (UnknownArchitectureError among them).
+    ``lr`` is the peak of a warm-up-then-cosine schedule, ``None`` for ``recipe.auto_lr`` (by
+    optimizer and start); ``weight_decay=None`` takes the optimizer's default; ``image_size=None``
+    follows the training images (``recipe.auto_image_size``); ``num_threads=None`` keeps torch's
+    intra-op thread count (one per core). Construction raises ValueError
+    (UnknownArchitectureError among them).
     """
 
     arch: str
@@ -67,10 +86,10 @@ class FinetuneConfig:
     from_checkpoint: Path | None = None
     weights: str | None = None
     train: TrainPolicy = "all"
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.01
-    optimizer: OptimizerName = "sgd"
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lr: float | None = None
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER
     weight_decay: float | None = None
     image_size: int | None = None
     device: DeviceName = "auto"
@@ -94,8 +113,23 @@ class FinetuneConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("image_size", 16), ("num_threads", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, found {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, found {self.lr}")
+        if self.image_size is not None:
+            check_image_size(self.arch, self.image_size)
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone starts from learned weights (``--from`` or ``--weights``)."""
+        return self.from_checkpoint is not None or self.weights is not None
+
+    def resolved(self, image_side: int) -> FinetuneConfig:
+        """This config with its ``None`` lr and image size resolved (the images' shorter side: ``image_side``)."""
+        return replace(
+            self,
+            lr=self.lr if self.lr is not None else auto_lr(self.optimizer, pretrained=self.pretrained, train=self.train),
+            image_size=self.image_size if self.image_size is not None else auto_image_size(self.arch, image_side),
+        )
 
 
 @dataclass(frozen=True)
@@ -147,15 +181,49 @@ def finetune(config: FinetuneConfig, *, progress: TextIO | None = None) -> Finet
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # model init and (with workers=0) augmentation draw from it
     train_set, val_set = load_splits(Path(config.data))
+    image_side = images_side(train_set)
+    chosen = config
+    config = config.resolved(image_side)
     model, meta, report = _initial_model(config, train_set.classes)
     train_set.transform = _SingleThreaded(train_transform(meta))
     val_set.transform = _SingleThreaded(eval_transform(meta))
     threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads or threads)
     try:
-        return _fit(config, device, model, meta, report, _loaders(config, train_set, val_set, device), progress)
+        loaders = _loaders(config, train_set, val_set, device)
+        write(progress, describe_run(chosen, config, image_side, device, len(train_set), len(loaders[0])) + "\n")
+        return _fit(config, device, model, meta, report, loaders, progress)
     finally:  # a library call leaves the process's thread count as it found it
         torch.set_num_threads(threads)
+
+
+def images_side(dataset: ImageFolder, *, sample: int = IMAGE_SIZE_SAMPLE) -> int:
+    """The median shorter side, in pixels, of up to ``sample`` images spread over ``dataset``.
+
+    Reads image headers only. Raises DatasetError for a file that is not an image.
+    """
+    paths = [path for path, _ in dataset.samples[:: max(1, len(dataset.samples) // sample)][:sample]]
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError) as exc:
+            raise DatasetError(path, f"not a readable image ({exc})") from None
+    return int(statistics.median_low(sides))
+
+
+def describe_run(
+    chosen: FinetuneConfig, config: FinetuneConfig, image_side: int, device: torch.device, images: int, batches: int,
+) -> str:
+    """One line on what the run does, ``auto`` values resolved: ``chosen`` as given, ``config`` resolved."""
+    start = (f"the backbone of {chosen.from_checkpoint}" if chosen.from_checkpoint is not None
+             else f"torchvision weights {chosen.weights}" if chosen.weights is not None else "scratch")
+    lr = f"lr {config.lr:g}" + (" (auto)" if chosen.lr is None else "")
+    size = f"{config.image_size}px inputs" + (f" (auto: images {image_side}px)" if chosen.image_size is None else "")
+    decay = config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.optimizer]
+    return (f"{config.arch} from {start}, training {config.train}: {config.optimizer} {lr}, weight decay {decay:g}, "
+            f"{size}, {config.epochs} epochs of {batches} batches ({images} images), {device.type}")
 
 
 def load_splits(data: Path) -> tuple[ImageFolder, ImageFolder]:
@@ -254,10 +322,12 @@ def _fit(
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     history: list[EpochStats] = []
     best: _Saved | None = None
+    estimate = Estimate(config.epochs, len(loaders[0]), len(loaders[1].dataset))  # type: ignore[arg-type]
     try:
         for epoch in range(1, config.epochs + 1):
             bar = ProgressBar(progress, f"epoch {epoch}/{config.epochs}", len(loaders[0]))
-            loss, accuracy, rate = _train_epoch(config, model, loaders[0], (optimizer, scheduler), device, bar)
+            loss, accuracy, rate = _train_epoch(config, model, loaders[0], (optimizer, scheduler), device, bar,
+                                                estimate if epoch == 1 else None)
             val_accuracy = evaluate(model, loaders[1], device)
             history.append(EpochStats(epoch, round(loss, 6), accuracy, val_accuracy, round(rate, 1)))
             improved = best is None or val_accuracy > best.meta.training["best_val_accuracy"]
@@ -290,9 +360,10 @@ def _save(path: Path, state: State, meta: CheckpointMeta) -> _Saved:
 
 def _optimizer(config: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     decay = config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.optimizer]
+    assert config.lr is not None  # resolved before training
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=decay)  # the seed's optimizer
+    return torch.optim.SGD(params, lr=config.lr, momentum=SGD_MOMENTUM, weight_decay=decay)  # the seed's optimizer
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -310,9 +381,12 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 def _train_epoch(
     config: FinetuneConfig, model: nn.Module, loader: DataLoader,
     steppers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], device: torch.device,
-    bar: ProgressBar,
+    bar: ProgressBar, estimate: Estimate | None = None,
 ) -> tuple[float, float, float]:
-    """One pass over ``loader``; returns mean loss, accuracy and images per second."""
+    """One pass over ``loader``; returns mean loss, accuracy and images per second.
+
+    ``estimate``, on the first epoch, is told of every step and prints the run's expected time.
+    """
     optimizer, scheduler = steppers
     set_train_mode(config.arch, model, config.train)
     # Sums stay on the device: reading one (.item()) waits for the GPU, so only a drawing bar does.
@@ -332,6 +406,8 @@ def _train_epoch(
         loss_sum += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
+        if estimate is not None:
+            estimate.step(step, len(targets), bar, device)
         bar.update(step, lambda: _train_text(loss_sum.item() / seen, correct.item() / seen,
                                              seen / (time.perf_counter() - start)))
     return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start)
@@ -387,41 +463,7 @@ def _with_summary(
         "best_val_accuracy": best.val_accuracy, "final_val_accuracy": history[-1].val_accuracy,
         "train_policy": config.train, "init": init, "merge": report.summary() if report is not None else None,
         "optimizer": config.optimizer, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
+        "weight_decay": config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.optimizer],
         "image_size": meta.input_size, "device": device.type, "history": [asdict(s) for s in history],
     }
     return replace(meta, training=training, created_at=utc_now())
-
-
-_CLEAR_TO_END = "\x1b[K"  # a shorter redraw must not leave the tail of the longer one behind
-
-
-class ProgressBar:
-    """One line per epoch: redrawn in place with ``\\r`` on a terminal, ended with a newline.
-
-    Off a terminal (logs, pipes) only the finished line is written; ``stream=None`` writes nothing.
-    """
-
-    def __init__(self, stream: TextIO | None, label: str, total: int, *, interval: float = 0.2) -> None:
-        self.stream, self.label, self.total, self.interval = stream, label, total, interval
-        self.live = stream is not None and stream.isatty()
-        self.done, self._drawn = 0, 0.0
-
-    def update(self, done: int, text: Callable[[], str]) -> None:
-        """Record progress; redraw with ``text()`` when live and due (``text`` runs only then)."""
-        self.done = done
-        if self.live and time.monotonic() - self._drawn >= self.interval:
-            self._drawn = time.monotonic()
-            self._write("\r" + self._line(text()) + _CLEAR_TO_END)
-
-    def close(self, text: str) -> None:
-        """Write the finished line and the newline."""
-        self._write(("\r" + self._line(text) + _CLEAR_TO_END if self.live else self._line(text)) + "\n")
-
-    def _line(self, text: str) -> str:
-        filled = round(20 * self.done / max(self.total, 1))
-        return f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} {text}"
-
-    def _write(self, text: str) -> None:
-        if self.stream is not None:
-            self.stream.write(text)
-            self.stream.flush()

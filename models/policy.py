@@ -9,14 +9,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import nn
 
 from models.archs import get_spec
+from models.recipe import POLICIES, TrainPolicy
 
-TrainPolicy = Literal["head", "all"]
-POLICIES: tuple[str, ...] = ("head", "all")
+__all__ = ["POLICIES", "TrainPolicy", "apply_policy", "head_modules", "set_train_mode"]
 
 
 def _check(policy: str) -> None:

@@ -7,7 +7,17 @@ import torch
 import torchvision
 from torch import nn
 
-from models import ARCHS, UnknownArchitectureError, build_classifier, get_spec, head_parameter_names, skeleton
+from models import (
+    ARCHS,
+    UnknownArchitectureError,
+    build_classifier,
+    count_parameters,
+    get_spec,
+    head_parameter_names,
+    skeleton,
+)
+from models.recipe import auto_image_size, check_image_size
+from models.summary import is_parameter
 
 # Minutes of CPU and gigabytes of RAM each: run with `make test-slow`.
 GIANTS = {"regnet_y_128gf", "vit_h_14", "vit_l_16"}
@@ -18,7 +28,9 @@ def test_table_covers_torchvision_exactly() -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_head_paths_exist_in_every_architecture(arch: str) -> None:
+def test_table_entry_matches_the_architecture(arch: str) -> None:
+    """Head paths, the parameter count `headswap archs` lists, which state keys are parameters
+    (what `headswap inspect` counts without building the model), and the smallest input size."""
     spec = ARCHS[arch]
     model = skeleton(arch, 1000)
     state = model.state_dict()
@@ -27,6 +39,23 @@ def test_head_paths_exist_in_every_architecture(arch: str) -> None:
         assert isinstance(module, (nn.Linear, nn.Conv2d)), f"{arch}.{head} is {type(module).__name__}"
         assert f"{head}.weight" in state
         assert state[f"{head}.weight"].shape[0] == 1000
+    assert count_parameters(model) == spec.num_parameters
+    assert {k for k in state if is_parameter(k)} == set(dict(model.named_parameters()))
+    # Training mode at the smallest size fine-tuning picks (auxiliary heads included): shapes only,
+    # on the meta device where the skeleton is there (RegNet's is on the CPU: a small real batch).
+    size = auto_image_size(arch, 1)
+    check_image_size(arch, size)
+    if spec.input_multiple > 1:  # a ViT (patches) is built for its input size
+        model = skeleton(arch, 1000, arch_kwargs={"image_size": size})
+    device = next(model.parameters()).device
+    model.train()(torch.zeros(2, 3, size, size, device=device))
+
+
+@pytest.mark.parametrize(("arch", "size"), [("alexnet", 62), ("inception_v3", 298)])
+def test_min_input_size_is_the_smallest_that_trains(arch: str, size: int) -> None:
+    assert ARCHS[arch].min_input_size == size + 1
+    with torch.device("meta"), pytest.raises(RuntimeError):
+        skeleton(arch, 3).train()(torch.zeros(2, 3, size, size))
 
 
 @pytest.mark.parametrize(

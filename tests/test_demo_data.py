@@ -10,6 +10,7 @@ from PIL import Image
 
 from models.demo_data import MARKER, TASKS, draw_image, val_per_class, write_demo_data
 from service.cli import main
+from tests.cli_help import assert_every_option_names_its_default, subparser
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -98,3 +99,9 @@ def test_cli_demo_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         "3 train + 10 val images each, 24px\n"
     )
     assert len(list(tmp_path.rglob("*.jpg"))) == 6 * 13
+
+
+def test_every_demo_data_option_names_its_default_in_help() -> None:
+    parser = subparser("demo-data")
+    assert_every_option_names_its_default(parser)
+    assert "per class; val gets a quarter, at least 10 (default: 200)" in " ".join(parser.format_help().split())

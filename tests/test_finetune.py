@@ -1,12 +1,20 @@
-"""Fine-tuning end to end on the built-in tasks: small images, few epochs, 2 CPU cores.
+"""Fine-tuning end to end on the built-in tasks: small images, few epochs, 2 CPU cores, the defaults.
 
-One session fixture trains resnet18 on ``shapes`` from scratch (the slowest step: about 40 s
+One session fixture trains resnet18 on ``shapes`` from scratch (the slowest step: about 55 s
 on an idle 2-core machine); the transfer, freezing and round-trip tests build on its checkpoint.
+
+Accuracy bounds hold on any x86 CPU with a clear margin: training is deterministic on one
+machine but not across instruction sets, and where a run is still climbing, CPUs part ways
+(the old 3-epoch fixture reached 0.67 here with AVX-512 and 0.60 with torch and oneDNN held
+to AVX2, ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``). So the fixture trains to its
+plateau and each bound is a multiple of chance or a baseline trained in the same test, far
+below what both instruction sets reach (measured values next to each bound).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,24 +26,19 @@ from torch.utils.data import DataLoader
 import models.finetune as finetune_module
 from models import eval_transform, load_checkpoint, load_classifier, state_version
 from models.demo_data import TASKS, write_demo_data
-from models.finetune import (
-    FinetuneConfig,
-    FinetuneResult,
-    ProgressBar,
-    evaluate,
-    finetune,
-    load_splits,
-    split_output,
-)
+from models.finetune import FinetuneConfig, FinetuneResult, evaluate, finetune, load_splits, split_output
+from models.progress import Estimate, ProgressBar
 from service.cli import main
+from tests.cli_help import assert_every_option_names_its_default, subparser
 
-PX = 48  # image and input size: small enough for seconds per epoch, large enough for resnet18's 32x stride
-SHAPES_ACCURACY = 0.6  # stated floor after the fixture's 3 epochs; chance is 1/6 (measured: 0.76)
+PX = 48  # image size: small enough for seconds per epoch, large enough for resnet18's 32x stride
+CHANCE = 1 / len(TASKS["shapes"])  # both tasks have six classes
 
 
 def _config(data: Path, out: Path, **overrides: object) -> FinetuneConfig:
-    settings: dict[str, object] = dict(arch="resnet18", data=data, out=out, epochs=1, batch_size=16, lr=2e-3,
-                                       optimizer="adamw", image_size=PX, device="cpu", seed=0)
+    """The library's defaults (optimizer, lr and input size: auto), one epoch in small batches."""
+    settings: dict[str, object] = dict(arch="resnet18", data=data, out=out, epochs=1, batch_size=16, device="cpu",
+                                       seed=0)
     return FinetuneConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
@@ -43,7 +46,7 @@ def _config(data: Path, out: Path, **overrides: object) -> FinetuneConfig:
 def shapes_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FinetuneConfig, FinetuneResult]:
     root = tmp_path_factory.mktemp("shapes")
     write_demo_data(root / "data", task="shapes", per_class=300, size=PX, seed=0)
-    config = _config(root / "data", root / "shapes.safetensors", epochs=3, batch_size=32)
+    config = _config(root / "data", root / "shapes.safetensors", epochs=5, batch_size=32)
     return config, finetune(config)
 
 
@@ -65,14 +68,17 @@ def test_short_finetune_learns_shapes_and_its_checkpoint_serves_the_same(
     shapes_run: tuple[FinetuneConfig, FinetuneResult],
 ) -> None:
     config, result = shapes_run
-    assert result.best_val_accuracy >= SHAPES_ACCURACY, result.history
+    # From scratch with the defaults, 5 epochs: measured 0.92 (AVX-512) and 0.93 (AVX2).
+    assert result.best_val_accuracy >= 4 * CHANCE, result.history
     model, meta = load_classifier(config.out)
     assert (meta.arch, meta.class_names, meta.num_classes) == ("resnet18", list(TASKS["shapes"]), 6)
+    # The input size followed the 48-pixel images, and serving will resize to it.
     assert (meta.input_size, meta.resize_size, meta.parent_version, meta.partial) == (PX, 55, None, False)
+    assert (meta.training["optimizer"], meta.training["lr"], meta.training["image_size"]) == ("adamw", 1e-3, PX)
     assert meta == result.meta  # what was written is what the run reports
     assert meta.training["best_val_accuracy"] == result.best_val_accuracy == max(s.val_accuracy for s in result.history)
     assert meta.training["final_val_accuracy"] == result.history[-1].val_accuracy
-    assert (meta.training["epochs"], meta.training["train_policy"], meta.training["merge"]) == (3, "all", None)
+    assert (meta.training["epochs"], meta.training["train_policy"], meta.training["merge"]) == (5, "all", None)
     assert load_checkpoint(config.out).version == result.version == state_version(result.model.state_dict())
     # The stored preprocessing reproduces the validation score exactly, and the two models agree bit for bit.
     _, val = load_splits(config.data)
@@ -88,11 +94,13 @@ def test_transfer_from_shapes_beats_scratch_on_glyphs(
 ) -> None:
     """One epoch of the head on a shapes backbone beats one epoch of the whole net from scratch.
 
-    "From scratch with the same budget" is read as the strongest from-scratch run of that
-    budget: the same images, epoch, batch size, optimizer and learning rate, with every
+    Both arms run the defaults for their start (AdamW; lr 0.01 for a head, 0.001 for a whole
+    net from scratch). "From scratch with the same budget" is read as the strongest
+    from-scratch run of that budget: the same images, epoch and batch size, with every
     parameter trained (``train="all"``: the from-scratch net may learn features; a frozen random
     backbone could not, and would make the comparison a straw man). The transfer arm even
-    spends less compute: no backward pass through the backbone. Measured: about 0.48 vs 0.19.
+    spends less compute: no backward pass through the backbone. Measured over seeds 0 and 1:
+    transfer 0.54 and 0.58, scratch 0.24 and 0.22 (AVX-512); 0.65 and 0.64 vs 0.19 and 0.23 (AVX2).
     """
     shapes_config, shapes = shapes_run
     accuracies: dict[str, list[float]] = {"transfer": [], "scratch": []}
@@ -106,8 +114,9 @@ def test_transfer_from_shapes_beats_scratch_on_glyphs(
         accuracies["scratch"].append(scratch.best_val_accuracy)
     print(f"glyphs val accuracy after one epoch: {accuracies}")
     gap = sum(accuracies["transfer"]) / 2 - sum(accuracies["scratch"]) / 2
-    assert gap >= 0.05, accuracies
+    assert gap >= 0.15, accuracies
     assert all(t > s for t, s in zip(accuracies["transfer"], accuracies["scratch"])), accuracies
+    assert min(accuracies["transfer"]) >= 2 * CHANCE, accuracies  # a head-only fine-tune learns, one epoch
 
 
 def test_train_head_leaves_every_backbone_tensor_bit_identical_and_train_all_does_not(
@@ -187,37 +196,43 @@ def test_a_vit_is_built_for_the_image_size_and_its_checkpoint_records_it(tmp_pat
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
 
 
-def test_cli_finetune_writes_a_checkpoint_and_one_progress_line_per_epoch(
+def test_cli_finetune_states_its_settings_and_expected_time_then_one_progress_line_per_epoch(
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "cli.safetensors"
     argv = ["finetune", "--arch", "resnet18", "--data", str(tiny_data), "--out", str(out), "--epochs", "2",
-            "--batch-size", "16", "--lr", "0.002", "--optimizer", "adamw", "--image-size", "32", "--device", "cpu"]
+            "--batch-size", "16", "--device", "cpu"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     version = load_checkpoint(out).version
     assert captured.out.startswith(f"wrote {out}: version {version}, best val accuracy ")
-    lines = captured.err.splitlines()
+    settings, expected, *lines = captured.err.splitlines()
+    assert settings == ("resnet18 from scratch, training all: adamw lr 0.001 (auto), weight decay 0.05, "
+                        "32px inputs (auto: images 32px), 2 epochs of 6 batches (96 images), cpu")
+    assert re.fullmatch(r"expected time: \d+ s \(\d+ s per epoch at \d+ img/s, measured over batch(es 2-\d)? ?2?\)",
+                        expected), expected
     assert [line.split(" [")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("img/s | val acc " in line for line in lines) and captured.err.endswith("\n")
+    training = load_checkpoint(out).meta.training
+    assert (training["optimizer"], training["lr"], training["weight_decay"], training["image_size"]) == (
+        "adamw", 0.001, 0.05, 32)
 
 
-def test_progress_bar_redraws_in_place_on_a_terminal_and_writes_one_line_elsewhere() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+def test_the_expected_time_leaves_out_the_first_batch_and_counts_validation() -> None:
+    ticks = iter([0.0, 10.0, 10.4, 10.8, 11.2])  # construction, then the end of batches 1-4
+    stream = io.StringIO()
+    estimate = Estimate(epochs=10, batches=20, val_images=96, measure_s=1.0, clock=lambda: next(ticks))
+    bar = ProgressBar(stream, "epoch 1/10", 20)
+    for step in range(1, 5):
+        estimate.step(step, 32, bar, torch.device("cpu"))
+    # batches 2-4: 96 images in 1.2 s = 80 img/s; an epoch is 20 x 32 / 80 = 8 s + 96 / 240 = 0.4 s of validation
+    assert stream.getvalue() == "expected time: 84 s (8 s per epoch at 80 img/s, measured over batches 2-4)\n"
 
-    done = "epoch 1/2 [####################] 2/2 loss 0.5 | val acc 50.0%"
-    for stream, expected in (
-        (Terminal(), "\repoch 1/2 [##########..........] 1/2 loss 1\x1b[K"
-                     "\repoch 1/2 [####################] 2/2 loss 0.5\x1b[K\r" + done + "\x1b[K\n"),
-        (io.StringIO(), done + "\n"),
-    ):
-        bar = ProgressBar(stream, "epoch 1/2", 2, interval=0.0)
-        bar.update(1, lambda: "loss 1")
-        bar.update(2, lambda: "loss 0.5")
-        bar.close("loss 0.5 | val acc 50.0%")
-        assert stream.getvalue() == expected
+
+def test_every_finetune_option_names_its_default_in_help() -> None:
+    parser = subparser("finetune")
+    assert_every_option_names_its_default(parser)
+    assert "--optimizer sgd --lr 0.001 (momentum 0.9)" in " ".join(parser.format_help().split())  # the seed's recipe
 
 
 @pytest.mark.parametrize(
