@@ -23,7 +23,7 @@ from typing import Any
 
 from service.errors import Overloaded
 
-AUTO_QUEUE_S = 0.5  # auto bound: about this many seconds of work at the measured drain rate ...
+AUTO_QUEUE_S = 2.0  # auto bound: about this many seconds of work at the measured drain rate ...
 AUTO_QUEUE_MAX = 1024  # ... and at most this many images (each waits as a decoded tensor)
 RATE_SAMPLE_S = 0.5  # drain rate: one sample of ``taken`` per this interval ...
 RATE_SAMPLES = 10  # ... over the last this many samples (about 5 s)
@@ -130,7 +130,7 @@ class DrainRate:
 class Admission:
     """The API-server side of shedding. ``bound`` is ``--max-queue``: an int (0: unbounded) or None
     for auto: about ``AUTO_QUEUE_S`` of work at the measured drain rate, at least ``floor`` images
-    (a full batch per worker, so no worker waits for a batch to fill) and at most
+    (two full batches per worker, so no worker waits for a batch to fill) and at most
     ``AUTO_QUEUE_MAX`` (or ``floor`` if larger)."""
 
     def __init__(self, ledger: QueueLedger, bound: int | None, floor: int, *,

@@ -105,7 +105,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     # slowest); a batch that runs alone (a lone client) takes every core instead (solo_threads).
     workers = settings.workers_per_device or (cores if cpu else 1)
     ledger = QueueLedger(workers)
-    admission = Admission(ledger, settings.queue_bound, floor=settings.max_batch_size * workers)
+    admission = Admission(ledger, settings.queue_bound, floor=2 * settings.max_batch_size * workers)
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
                             rollout=rollout, events=metrics, swap_timeout_s=settings.swap_timeout_s)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
