@@ -65,10 +65,10 @@ class Settings(BaseSettings):
                             "X-Request-Timeout-Ms header, or V2 parameters.timeout in microseconds, may shorten it)")
     max_queue: str = _opt("auto", "most images admitted and waiting for a worker, summed over the server; a request "
                           "over it is answered 503 at once, with Retry-After. auto: what the workers answer in about "
-                          "2 s at the drain rate measured while serving (so a queued image is answered well within "
-                          "--timeout-s, and a hundred clients that wait for their answers are not shed), at least two "
-                          "full batches per worker so none waits for work, at most 1024 (e.g. ~130 for resnet18 on 2 "
-                          "CPU cores, which answer ~65 images/s); 0: unbounded")
+                          "1 s at the drain rate measured while serving (so a queued image is answered in about a "
+                          "second, far within --timeout-s), at least two full batches per worker so none waits for "
+                          "work, at most 1024 (e.g. ~65 for resnet18 on 2 CPU cores, which answer ~65 images/s); "
+                          "0: unbounded")
     max_queue_wait_ms: float = _opt(0.0, "an image that waited longer than this for a worker is not run but answered "
                                     "503 (0: no limit but the request's deadline, --timeout-s)")
     decode_threads: int = _opt(4, "image decode threads per API server process")
