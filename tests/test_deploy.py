@@ -240,7 +240,7 @@ def parse_serve(args: list[str]) -> argparse.Namespace:
 def test_container_args_and_env_are_real_serve_options(rendered: dict[str, list[dict[str, Any]]]) -> None:
     from service.settings import Settings
 
-    fields = {f"HEADSWAP_{name.upper()}" for name in Settings.__dataclass_fields__}
+    fields = {f"HEADSWAP_{name.upper()}" for name in Settings.model_fields}
     specs = [container(d) for ds in rendered.values() for d in ds if d["kind"] == "Deployment"]
     isvc = next(d for d in standalone_docs() if d["kind"] == "InferenceService")
     specs.append(isvc["spec"]["predictor"]["containers"][0])
