@@ -149,9 +149,9 @@ class Admission:
         """Admit ``n`` images (all or none). Raises Overloaded (503 with Retry-After) over the bound."""
         bound = self.bound()
         if not self.ledger.try_admit(n, bound):
-            depth = self.ledger.depth()
+            depth, retry_after = self.ledger.depth(), self.retry_after()
             raise Overloaded(f"overloaded: {depth} images are waiting, the bound is {bound} (--max-queue); "
-                             f"retry after {self.retry_after()} s", retry_after=self.retry_after())
+                             f"retry after {retry_after} s", retry_after=retry_after)
         return Ticket(self.ledger, n)
 
     def try_admit(self, n: int) -> Ticket | None:
