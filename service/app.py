@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +24,7 @@ from service.controller import Controller
 from service.dispatch import Dispatcher, ModelView, Result
 from service.errors import NotReady, Overloaded, RequestError
 from service.metrics import Metrics
-from service.predict_protocol import parse_predict, predict_body
+from service.predict_protocol import WHOLE_NUMBER, parse_predict, predict_body
 from service.routing import CanaryGuard, choose_slot
 from service.slots import ServingState, SharedState
 
@@ -33,7 +32,6 @@ log = logging.getLogger("headswap.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
 TIMEOUT_HEADER = "x-request-timeout-ms"
-_DIGITS = re.compile(r"[0-9]+")
 
 
 def error_response(exc: RequestError) -> JSONResponse:
@@ -49,9 +47,8 @@ class ServedContext:
 
     def __init__(self, dispatcher: Dispatcher, model_name: str, shared: SharedState, *, is_ready: Callable[[], bool],
                  is_serving: Callable[[], bool], max_image_bytes: int, metrics: Metrics, guard: CanaryGuard,
-                 controller: Controller, admission: Admission) -> None:
+                 controller: Controller) -> None:
         self.dispatcher = dispatcher
-        self.admission = admission
         self.model_name = model_name
         self.shared = shared
         self.is_ready = is_ready
@@ -62,6 +59,11 @@ class ServedContext:
         self.controller = controller
         self._views: tuple[int, dict[str, ModelView]] = (-1, {})
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def admission(self) -> Admission:
+        assert self.dispatcher.admission is not None, "a served context admits through its dispatcher"
+        return self.dispatcher.admission
 
     def state(self) -> ServingState:
         return self.shared.read()
@@ -84,11 +86,12 @@ class ServedContext:
         if not self.is_serving():
             raise NotReady("not ready: no inference worker has the model loaded yet", reason="not_ready")
 
-    def deadline(self, request: Request, timeout_s: float | None = None) -> float:
-        """When this request must be answered: --timeout-s from now, or sooner if its X-Request-Timeout-Ms
-        header (or ``timeout_s``, from the body) asks. Raises RequestError for a malformed header."""
+    def deadline(self, request: Request, timeout_s: float | None = None, *, since: float | None = None) -> float:
+        """When this request must be answered: --timeout-s after ``since`` (default: now), or sooner if its
+        X-Request-Timeout-Ms header (or ``timeout_s``, from the body) asks. Raises RequestError for a
+        malformed header."""
         budgets = [t for t in (timeout_s, header_timeout_s(request)) if t is not None]
-        return self.dispatcher.deadline(min(budgets) if budgets else None)
+        return self.dispatcher.deadline(min(budgets) if budgets else None, since=since)
 
     def admit(self, images: int) -> Ticket:
         """Admit a request's images, all or none. Raises Overloaded (503, Retry-After) over --max-queue."""
@@ -193,7 +196,7 @@ def header_timeout_s(request: Request) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if not _DIGITS.fullmatch(value) or len(value) > 12 or int(value) < 1:
+    if not WHOLE_NUMBER.fullmatch(value) or len(value) > 12 or int(value) < 1:
         raise RequestError(f"X-Request-Timeout-Ms must be a positive whole number of milliseconds, found {value[:20]!r}",
                            reason="timeout_header")
     return int(value) / 1000

@@ -93,11 +93,11 @@ class Dispatcher:
         finally:
             self._decoding -= 1
 
-    def deadline(self, request_timeout_s: float | None = None) -> float:
-        """The time.monotonic by which a request arriving now must be answered: ``timeout_s`` from now,
-        or sooner if the request asked for less."""
+    def deadline(self, request_timeout_s: float | None = None, *, since: float | None = None) -> float:
+        """The time.monotonic by which a request that arrived at ``since`` (default: now) must be answered:
+        ``timeout_s`` later, or sooner if the request asked for less."""
         budget = self.timeout_s if request_timeout_s is None else min(self.timeout_s, request_timeout_s)
-        return time.monotonic() + budget
+        return (time.monotonic() if since is None else since) + budget
 
     async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int, deadline: float,
                     ticket: Ticket | None = None, normalized: bool = False, following: int = 0) -> Result:
@@ -116,14 +116,15 @@ class Dispatcher:
         event = asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event=event)
         arrived = time.monotonic()
+        budget = max(0.0, deadline - arrived)
         try:
             self.server._get_request_queue(self.api_path).put((request.app.response_queue_id, uid, arrived, payload))
             if ticket is not None:
                 ticket.handed()
-            await asyncio.wait_for(event.wait(), max(0.0, deadline - arrived))
+            await asyncio.wait_for(event.wait(), budget)
             data, _status = self.server.response_buffer[uid].response
         except (asyncio.TimeoutError, TimeoutError):
-            raise GatewayTimeout(f"no answer by the request's deadline ({max(0.0, deadline - arrived):.3f} s after "
+            raise GatewayTimeout(f"no answer by the request's deadline ({budget:.3f} s after "
                                  "it was queued: --timeout-s or the request's own timeout)", reason="timeout") from None
         finally:
             self.server.response_buffer.pop(uid, None)

@@ -17,7 +17,7 @@ from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
-_DIGITS = re.compile(r"\s*[0-9]+\s*")  # int() alone would also take "1_0" and non-ASCII digits
+WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*")  # int() alone would also take "1_0" and non-ASCII digits
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_top_k(value: Any, default: int = 5) -> int:
     if value is None:
         return default
-    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+    if isinstance(value, str) and not WHOLE_NUMBER.fullmatch(value):
         raise RequestError(f"top_k must be a positive integer, found {value!r}", reason="top_k")
     try:
         top_k = int(value)

@@ -41,7 +41,7 @@ from service.metrics import Metrics, exposition
 from service.rollout import RolloutFile
 from service.routing import CanaryGuard, GuardPolicy
 from service.settings import Settings
-from service.sidecar import SidecarServer, check_bindable
+from service.sidecar import SidecarServer, check_bindable, local_address
 from service.slots import SharedState
 from service.store import CheckpointStore
 from service.v2_routes import V2Routes
@@ -131,8 +131,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     ctx = ServedContext(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
-                        max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller,
-                        admission=admission)
+                        max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller)
     Routes(ctx).install(server.app)
     V2Routes(ctx).install(server.app)
     main_pid = os.getpid()
@@ -250,7 +249,8 @@ def _after_start(settings: Settings, model_name: str, version: str, readiness: R
     """Once every worker is ready and the API servers answer (so no thread runs across their
     fork), start the side servers (their sockets are bound already) and, once they answer, say
     ready; then start the rollout watcher and log the URL."""
-    url = f"http://{_local(settings.host)}:{settings.port}"
+    host = local_address(settings.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
     while not readiness.workers_ready() or not _answers(f"{url}/health"):
         time.sleep(0.1)
     for sidecar in sidecars:
@@ -261,11 +261,6 @@ def _after_start(settings: Settings, model_name: str, version: str, readiness: R
     for thread in threads:
         thread.start()
     log.info("headswap serving %s (version %s) at %s", model_name, version, url)
-
-
-def _local(host: str) -> str:
-    """An address of this machine to reach a server listening on ``host``."""
-    return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
 
 
 def _answers(url: str) -> bool:

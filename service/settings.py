@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     @field_validator("*", mode="before")
     @classmethod
     def _whole_numbers(cls, value: Any, info: Any) -> Any:
-        if isinstance(value, str) and cls.model_fields[info.field_name].annotation in (int, "int") \
+        if isinstance(value, str) and cls.model_fields[info.field_name].annotation is int \
                 and not _INTEGER.fullmatch(value):
             raise ValueError("not a whole number")
         return value

@@ -15,6 +15,11 @@ import uvicorn
 from fastapi import FastAPI
 
 
+def local_address(host: str) -> str:
+    """An address of this machine that reaches a server listening on ``host`` (a wildcard: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
 def check_bindable(host: str, port: int, what: str) -> None:
     """Raise OSError (one line: what, where, why) if ``host:port`` cannot be listened on now."""
     listen_socket(host, port, what).close()
@@ -38,7 +43,7 @@ def listen_socket(host: str, port: int, what: str) -> socket.socket:
 class SidecarServer:
     def __init__(self, app: FastAPI, host: str, port: int, name: str) -> None:
         self.socket = listen_socket(host, port, f"{name} port")
-        self.address = ("::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host, port)
+        self.address = (local_address(host), port)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True,
                                        name=f"{name}-server")

@@ -98,7 +98,7 @@ class V2Routes:
         started = time.monotonic()
         body = await read_body(request, self.ctx.max_image_bytes * V2_BODY_FACTOR)
         parsed = parse_infer_request(body, request.headers, max_elements=MAX_ELEMENTS, max_batch=MAX_BATCH)
-        deadline = self.ctx.deadline(request, parsed.timeout_s) - (time.monotonic() - started)
+        deadline = self.ctx.deadline(request, parsed.timeout_s, since=started)
         if parsed.images is not None:
             for data in parsed.images:
                 if len(data) > self.ctx.max_image_bytes:
