@@ -46,7 +46,7 @@ from bench.report import render
 from models import CheckpointMeta, build_classifier, eval_transform, load_classifier, save_checkpoint
 from models.demo_data import TASKS, draw_image
 from models.transforms import normalize, resize_crop
-from service.decode import DecodeLimits, decode_image
+from service.inference.decode import DecodeLimits, decode_image
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

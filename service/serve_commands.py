@@ -16,12 +16,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import shutil
 
-    from service.multiproc import metrics_dir
+    from service.observability.multiproc import metrics_dir
 
     settings = settings_module.from_sources(args)
     folder, owned = metrics_dir()  # before prometheus_client is imported
     try:
-        from service.serve import serve  # imports LitServe, FastAPI and prometheus_client only when serving
+        from service.server import serve  # imports LitServe, FastAPI and prometheus_client only when serving
 
         return serve(settings)
     finally:

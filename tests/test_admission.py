@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from service.admission import AUTO_QUEUE_MAX, Admission, DrainRate, QueueLedger
 from service.errors import Overloaded
-from service.worker import ClassifierAPI, WorkerConfig
+from service.http.errors import error_headers, status_of
+from service.inference.admission import AUTO_QUEUE_MAX, Admission, DrainRate, QueueLedger
+from service.inference.worker import ClassifierAPI, WorkerConfig
 
 
 class Clock:
@@ -28,7 +29,7 @@ def test_a_request_is_admitted_whole_or_refused_whole() -> None:
     with pytest.raises(Overloaded) as refused:
         admission.admit(3)  # 3 + 3 > 5: none of the three is admitted
     assert ledger.depth() == 3
-    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert status_of(refused.value) == 503 and error_headers(refused.value) == {"Retry-After": "1"}
     assert str(refused.value).startswith("overloaded: 3 images are waiting, the bound is 5")
     second = admission.admit(2)
     assert ledger.depth() == 5

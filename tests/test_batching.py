@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import torch
 
-from service import dispatch
-from service.decode import DecodeLimits
 from service.errors import GatewayTimeout
-from service.worker import InferenceLoop
+from service.inference import dispatch
+from service.inference.admission import Admission, QueueLedger
+from service.inference.decode import DecodeLimits
+from service.inference.worker import InferenceLoop
 
 
 class ScriptedQueue:
@@ -111,8 +112,8 @@ def test_items_past_their_deadline_or_the_queue_wait_are_refused_without_running
     scripted = api(max_queue_wait_s=1.5)
     batch, refused = InferenceLoop().get_batch_requests(scripted, queue, None)
     assert uids(batch) == ["fresh"]
-    assert [(uid, r["status"], r["reason"]) for _, uid, r in refused] == [
-        ("expired", 504, "deadline"), ("stale", 503, "overload"), ("old", 504, "deadline")]
+    assert [(uid, r["type"], r["reason"]) for _, uid, r in refused] == [
+        ("expired", "GatewayTimeout", "deadline"), ("stale", "Overloaded", "overload"), ("old", "GatewayTimeout", "deadline")]
     assert refused[1][2]["error"].startswith("overloaded: waited 2")
     assert scripted.taken == [4] and scripted.refused == ["deadline", "overload", "deadline"]
 
@@ -127,13 +128,10 @@ class CapturingServer:
     def __init__(self) -> None:
         self.response_buffer: dict[str, Any] = {}
         self.puts: list[dict[str, Any]] = []
+        self.app = SimpleNamespace(response_queue_id=0)  # set per API-server process by LitServe
 
     def _get_request_queue(self, api_path: str) -> Any:
         return SimpleNamespace(put=lambda item: self.puts.append(item[3]))
-
-
-def request() -> Any:
-    return SimpleNamespace(app=SimpleNamespace(response_queue_id=0))
 
 
 def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,7 +143,8 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
 
     monkeypatch.setattr(dispatch, "_prepare", slow_decode)
     server = CapturingServer()
-    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=2)
+    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=2,
+                                     admission=Admission(QueueLedger(1), None, floor=1))
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)
 
     async def scenario() -> None:
@@ -153,12 +152,12 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
         await asyncio.sleep(0)  # both are in the decode pool now
         for following in (3, 0):
             with pytest.raises(GatewayTimeout):  # nobody answers: only the put matters here
-                await dispatcher.infer(request(), image, slot="stable", top_k=1, following=following,
+                await dispatcher.infer(image, slot="stable", top_k=1, following=following,
                                        deadline=dispatcher.deadline())
         gate.set()
         await asyncio.gather(*decoding)
         with pytest.raises(GatewayTimeout):
-            await dispatcher.infer(request(), image, slot="stable", top_k=1, deadline=dispatcher.deadline(0.01))
+            await dispatcher.infer(image, slot="stable", top_k=1, deadline=dispatcher.deadline(0.01))
 
     asyncio.run(scenario())
     assert [p["arriving"] for p in server.puts] == [2 + 3, 2, 0]
@@ -166,7 +165,8 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
 
 def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_travels_with_the_item() -> None:
     server = CapturingServer()
-    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=1)
+    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=1,
+                                     admission=Admission(QueueLedger(1), None, floor=1))
     before = time.monotonic()
     default, shorter, longer = dispatcher.deadline(), dispatcher.deadline(0.01), dispatcher.deadline(60)
     after = time.monotonic()
@@ -176,7 +176,7 @@ def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_tra
 
     async def scenario() -> None:
         with pytest.raises(GatewayTimeout):
-            await dispatcher.infer(request(), torch.zeros(3, 4, 4, dtype=torch.uint8), slot="stable", top_k=1,
+            await dispatcher.infer(torch.zeros(3, 4, 4, dtype=torch.uint8), slot="stable", top_k=1,
                                    deadline=shorter)
 
     asyncio.run(scenario())

@@ -17,9 +17,10 @@ import torch
 
 from models import load_checkpoint
 from models.transforms import resize_crop
-from service.decode import DecodeLimits, decode_image, decode_jpegs
-from service.engine import Engine, Item
 from service.errors import RequestError
+from service.http.errors import status_of
+from service.inference.decode import DecodeLimits, decode_image, decode_jpegs
+from service.inference.engine import Engine, Item
 from tests.images import bogus_huffman_table, encode, jpeg, photo
 from tests.server import Server, run_server
 from tests.test_decode_on_worker import _worker_decoded
@@ -38,7 +39,7 @@ def _offline(checkpoint: Path) -> np.ndarray:
 def test_nvjpeg_decodes_like_the_cpu_and_refuses_a_corrupt_file_alone() -> None:
     grey = encode(photo(20).convert("L"), "JPEG")
     out = decode_jpegs([*IMAGES, grey, bogus_huffman_table(IMAGES[0])], torch.device("cuda"))
-    assert isinstance(out[-1], RequestError) and out[-1].status == 400
+    assert isinstance(out[-1], RequestError) and status_of(out[-1]) == 400
     for data, got in zip([*IMAGES, grey], out):
         assert isinstance(got, torch.Tensor) and got.device.type == "cuda"
         cpu = decode_image(data, DecodeLimits())

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from models.transforms import pil_to_rgb_tensor
-from service.decode import MAX_ASPECT, DecodeLimits, decode_image
 from service.errors import PayloadTooLarge, RequestError
+from service.http.errors import status_of
+from service.inference.decode import MAX_ASPECT, DecodeLimits, decode_image
 from tests.images import encode, photo
 
 LIMITS = DecodeLimits()
@@ -88,21 +89,21 @@ def _exif(orientation: int) -> bytes:
 
 def test_zero_bytes_is_empty() -> None:
     err = _refused(b"")
-    assert (type(err), err.status, err.reason) == (RequestError, 400, "empty")
+    assert (type(err), status_of(err), err.reason) == (RequestError, 400, "empty")
     assert str(err) == "empty image: the request carried no bytes"
 
 
 def test_over_max_bytes_is_413() -> None:
     data = encode(IMAGE, "PNG")
     err = _refused(data, DecodeLimits(max_bytes=len(data) - 1))
-    assert (type(err), err.status, err.reason) == (PayloadTooLarge, 413, "too_large")
+    assert (type(err), status_of(err), err.reason) == (PayloadTooLarge, 413, "too_large")
     assert str(err) == f"image is {len(data)} bytes, over the limit of {len(data) - 1}"
     assert _ok(data, DecodeLimits(max_bytes=len(data))).shape == (3, 90, 120)  # the limit itself is fine
 
 
 def test_over_max_bytes_is_checked_before_anything_else() -> None:
     err = _refused(b"not an image at all", DecodeLimits(max_bytes=5))
-    assert (err.status, err.reason) == (413, "too_large")
+    assert (status_of(err), err.reason) == (413, "too_large")
 
 
 @pytest.mark.parametrize("data", [
@@ -114,7 +115,7 @@ def test_over_max_bytes_is_checked_before_anything_else() -> None:
 ], ids=["text", "fake-gif-magic", "zeros", "pdf", "wav"])
 def test_wrong_magic_is_not_an_image(data: bytes) -> None:
     err = _refused(data)
-    assert (type(err), err.status, err.reason) == (RequestError, 400, "not_an_image")
+    assert (type(err), status_of(err), err.reason) == (RequestError, 400, "not_an_image")
     assert str(err) == f"not a recognised image: {FORMATS_MSG} ({len(data)} bytes starting {data[:8]!r})"
 
 
@@ -122,14 +123,14 @@ def test_svg_is_not_an_image() -> None:
     data = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
             b'<rect width="10" height="10"/></svg>')
     err = _refused(data)
-    assert (err.status, err.reason) == (400, "not_an_image")
+    assert (status_of(err), err.reason) == (400, "not_an_image")
     assert str(err) == f"not a recognised image: {FORMATS_MSG} ({len(data)} bytes starting b'<?xml ve')"
 
 
 def test_megabytes_of_noise_are_not_an_image() -> None:
     data = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
     err = _refused(data)
-    assert (err.status, err.reason) == (400, "not_an_image")
+    assert (status_of(err), err.reason) == (400, "not_an_image")
     assert str(err).startswith(f"not a recognised image: {FORMATS_MSG} (3000000 bytes starting ")
 
 
@@ -137,7 +138,7 @@ def test_decompression_bomb_is_413_from_the_header() -> None:
     # 30000 x 30000 = 9e8 pixels: Pillow's own bomb check fires while reading the header
     data = _png_declaring(30000, 30000)
     err = _refused(data)
-    assert (type(err), err.status, err.reason) == (PayloadTooLarge, 413, "too_many_pixels")
+    assert (type(err), status_of(err), err.reason) == (PayloadTooLarge, 413, "too_many_pixels")
     assert str(err) == ("decompression bomb: Image size (900000000 pixels) exceeds limit of "
                         f"{2 * Image.MAX_IMAGE_PIXELS} pixels, could be decompression bomb DOS attack.")
 
@@ -145,7 +146,7 @@ def test_decompression_bomb_is_413_from_the_header() -> None:
 def test_pixel_limit_is_checked_on_the_declared_size() -> None:
     # 10000 x 10000 is under Pillow's limit but over ours; the IDAT holds 16 bytes, so nothing was decoded
     err = _refused(_png_declaring(10000, 10000))
-    assert (type(err), err.status, err.reason) == (PayloadTooLarge, 413, "too_many_pixels")
+    assert (type(err), status_of(err), err.reason) == (PayloadTooLarge, 413, "too_many_pixels")
     assert str(err) == "image declares 10000x10000 = 100000000 pixels, over the limit of 40000000"
 
 
@@ -153,14 +154,14 @@ def test_pixel_limit_is_inclusive() -> None:
     data = encode(photo(2, (20, 20)), "PNG")
     err = _refused(data, DecodeLimits(max_pixels=399))
     assert str(err) == "image declares 20x20 = 400 pixels, over the limit of 399"
-    assert err.status == 413
+    assert status_of(err) == 413
     assert _ok(data, DecodeLimits(max_pixels=400)).shape == (3, 20, 20)
 
 
 @pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (33, 1), (1, 33), (330, 10)])
 def test_extreme_aspect_ratio_is_refused(size: tuple[int, int]) -> None:
     err = _refused(encode(Image.new("RGB", size), "PNG"))
-    assert (type(err), err.status, err.reason) == (RequestError, 400, "aspect_ratio")
+    assert (type(err), status_of(err), err.reason) == (RequestError, 400, "aspect_ratio")
     assert str(err) == (f"image is {size[0]}x{size[1]}: an aspect ratio over {MAX_ASPECT}:1 is not a photo; "
                         "crop it first")
 
@@ -175,26 +176,26 @@ def test_aspect_ratio_of_exactly_32_is_fine(size: tuple[int, int]) -> None:
 def test_truncated_jpeg_is_corrupt() -> None:
     data = encode(IMAGE, "JPEG", quality=90)
     err = _refused(data[: len(data) // 2])
-    assert (type(err), err.status, err.reason) == (RequestError, 400, "corrupt")
+    assert (type(err), status_of(err), err.reason) == (RequestError, 400, "corrupt")
     assert str(err).startswith("corrupt JPEG: ")
 
 
 def test_jpeg_truncated_inside_its_header_is_corrupt() -> None:
     err = _refused(encode(IMAGE, "JPEG", quality=90)[:200])
-    assert (err.status, err.reason) == (400, "corrupt")
+    assert (status_of(err), err.reason) == (400, "corrupt")
     assert str(err) == "unreadable image header: Truncated File Read"
 
 
 def test_truncated_progressive_jpeg_is_corrupt() -> None:
     data = encode(IMAGE, "JPEG", quality=90, progressive=True)
     err = _refused(data[: len(data) * 2 // 3])
-    assert (err.status, err.reason) == (400, "corrupt")
+    assert (status_of(err), err.reason) == (400, "corrupt")
 
 
 def test_truncated_png_is_corrupt() -> None:
     data = encode(IMAGE, "PNG")
     err = _refused(data[: len(data) // 2])
-    assert (type(err), err.status, err.reason) == (RequestError, 400, "corrupt")
+    assert (type(err), status_of(err), err.reason) == (RequestError, 400, "corrupt")
     assert str(err) == "corrupt PNG image: image file is truncated"
 
 
@@ -202,7 +203,7 @@ def test_truncated_png_is_corrupt() -> None:
 def test_truncated_other_formats_are_refused(fmt: str) -> None:
     data = encode(IMAGE, fmt)
     err = _refused(data[: len(data) // 2])
-    assert err.status == 400
+    assert status_of(err) == 400
     assert err.reason in ("corrupt", "not_an_image")
 
 
@@ -227,14 +228,15 @@ def test_bad_zlib_checksum_in_png_is_refused_without_crashing(tmp_path: Path) ->
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from service.decode import DecodeLimits, decode_image\n"
+        "from service.inference.decode import DecodeLimits, decode_image\n"
         "from service.errors import RequestError\n"
+        "from service.http.errors import status_of\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"
         "        decode_image(Path(path).read_bytes(), DecodeLimits())\n"
         "        print('decoded')\n"
         "    except RequestError as exc:\n"
-        "        print(type(exc).__name__, exc.status, exc.reason, exc)\n"
+        "        print(type(exc).__name__, status_of(exc), exc.reason, exc)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])

@@ -18,9 +18,10 @@ import requests
 import torch
 from PIL import Image
 
-from service import decode
-from service.decode import DecodeLimits, check_image, decode_image, decode_jpegs, device_decodable
 from service.errors import RequestError
+from service.http.errors import status_of
+from service.inference import decode
+from service.inference.decode import DecodeLimits, check_image, decode_image, decode_jpegs, device_decodable
 from tests.images import bogus_huffman_table, encode, jpeg, photo
 from tests.server import Server, run_server
 from tests.test_hotswap import metric_value
@@ -66,14 +67,14 @@ def test_large_jpegs_stay_with_the_api_servers(monkeypatch: pytest.MonkeyPatch) 
 def test_a_second_frame_header_is_refused_by_the_api_path() -> None:
     with pytest.raises(RequestError) as info:
         decode_image(_second_frame_header(jpeg(1)), DecodeLimits())
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
 
 
 def test_batched_device_decode_matches_the_api_path_and_isolates_a_corrupt_jpeg() -> None:
     good = [jpeg(1), encode(photo(2).convert("L"), "JPEG"), jpeg(3, (64, 48))]
     corrupt = bogus_huffman_table(good[0])
     out = decode_jpegs([good[0], corrupt, good[1], good[2]], CPU)
-    assert isinstance(out[1], RequestError) and out[1].status == 400 and str(out[1]).startswith("corrupt JPEG")
+    assert isinstance(out[1], RequestError) and status_of(out[1]) == 400 and str(out[1]).startswith("corrupt JPEG")
     for data, got in zip(good, [out[0], out[2], out[3]]):
         assert isinstance(got, torch.Tensor)
         assert torch.equal(got, decode_image(data, DecodeLimits()))

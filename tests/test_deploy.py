@@ -117,9 +117,9 @@ def console_scripts() -> dict[str, str]:
     text = (ROOT / "pyproject.toml").read_text()
     if tomllib is not None:
         return tomllib.loads(text)["project"]["scripts"]
-    table = re.search(r"^\[project\.scripts\]\n((?:[^\[\n].*\n|\n)*)", text, re.M)
+    table = re.search(r"^\[project\.scripts\]\n((?:[^\[\n].*\n|\n)*)", text, re.MULTILINE)
     assert table, "pyproject.toml has no [project.scripts]"
-    return dict(re.findall(r'^([\w.-]+)\s*=\s*"([^"]+)"', table.group(1), re.M))
+    return dict(re.findall(r'^([\w.-]+)\s*=\s*"([^"]+)"', table.group(1), re.MULTILINE))
 
 
 # -------------------------------------------------------------------------------- rendering

@@ -72,8 +72,9 @@ def offline(path_or_state, meta=None) -> dict[int, float]:
         loaded = load_checkpoint(path_or_state)
         path_or_state, meta = loaded.state, loaded.meta
     model = classifier_from_state(path_or_state, meta)
-    from PIL import Image
     import io
+
+    from PIL import Image
     with torch.inference_mode():
         probs = model(eval_transform(meta)(Image.open(io.BytesIO(IMAGE))).unsqueeze(0)).softmax(-1)[0]
     return {i: float(p) for i, p in enumerate(probs)}

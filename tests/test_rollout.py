@@ -11,12 +11,14 @@ import requests
 import yaml
 
 from models import load_checkpoint, merge_state, state_version
-from service.audit import AuditLog
-from service.controller import Controller
+from service.control.audit import AuditLog
+from service.control.controller import Controller
+from service.control.rollout import RolloutFile
+from service.control.slots import ServingState, SharedState, SlotSpec
+from service.control.store import CheckpointStore
 from service.errors import Conflict
-from service.rollout import RolloutFile
-from service.slots import ServingState, SharedState, SlotSpec
-from service.store import CheckpointStore
+from service.http.errors import status_of
+from service.inference.engine import check_servable
 from tests.conftest import make_checkpoint
 from tests.server import HEADSWAP, Server, free_port, run_server
 from tests.test_hotswap import TOKEN, admin, predict
@@ -92,10 +94,10 @@ def test_read_only_rollout_file_refuses_admin_mutations(store: Path, tmp_path: P
     shared = SharedState(tmp_path / "state")
     shared.create_dirs()
     shared.write(ServingState(1, SlotSpec("base.safetensors", version="x", meta={})))
-    controller = Controller(shared, CheckpointStore(store), 1, audit=AuditLog(None), rollout=ReadOnly(tmp_path / "spec.yaml"))
+    controller = Controller(shared, CheckpointStore(store), 1, audit=AuditLog(None), validate=check_servable, rollout=ReadOnly(tmp_path / "spec.yaml"))
     with pytest.raises(Conflict, match="rollout file is read-only") as info:
         controller.set_canary(10, 0, "test")
-    assert info.value.status == 409
+    assert status_of(info.value) == 409
     assert shared.read().generation == 1
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.control.rollout import RolloutFile, RolloutSpec, RolloutSpecError, parse_spec, spec_of
+from service.control.slots import ServingState, SlotSpec
 from service.errors import RequestError
-from service.rollout import RolloutFile, RolloutSpec, RolloutSpecError, parse_spec, spec_of
-from service.slots import ServingState, SlotSpec
+from service.http.errors import status_of
 
 FULL_YAML = """\
 revision: "2026-12-01.1"
@@ -89,13 +90,13 @@ BAD_SPECS = [
     ("stable: a.safetensors", "stable must be a mapping with 'checkpoint'"),
     ("stable: {checkpoint: a, path: b}", "stable has unknown keys ['path']"),
     ("stable: {}", "stable.checkpoint must be a checkpoint name in the store"),
-    ("stable: {checkpoint: ''}", "stable.checkpoint must be a checkpoint name in the store"),
-    ("stable: {checkpoint: 3}", "stable.checkpoint must be a checkpoint name in the store"),
-    ("stable: {checkpoint: a, mode: merge}", "stable.mode must be replace (express merges as stable.merge)"),
-    ("stable: {checkpoint: a, merge: b.safetensors}", "stable.merge must be a list of checkpoint names"),
-    ("stable: {checkpoint: a, merge: [b, '']}", "stable.merge must be a list of checkpoint names"),
-    ("stable: {checkpoint: a, merge: [b, 3]}", "stable.merge must be a list of checkpoint names"),
-    ("stable: {checkpoint: a, merge: null}", "stable.merge must be a list of checkpoint names"),
+    ("stable: {checkpoint: ''}", "stable.checkpoint must be a checkpoint name in the store, found ''"),
+    ("stable: {checkpoint: 3}", "stable.checkpoint must be a checkpoint name in the store, found 3"),
+    ("stable: {checkpoint: a, mode: merge}", "stable.mode must be replace (express merges as stable.merge), found 'merge'"),
+    ("stable: {checkpoint: a, merge: b.safetensors}", "stable.merge must be a list of checkpoint names, found 'b.safetensors'"),
+    ("stable: {checkpoint: a, merge: [b, '']}", "stable.merge must be a list of checkpoint names, found ''"),
+    ("stable: {checkpoint: a, merge: [b, 3]}", "stable.merge must be a list of checkpoint names, found 3"),
+    ("stable: {checkpoint: a, merge: null}", "stable.merge must be a list of checkpoint names, found None"),
     ("stable: {checkpoint: a}\ncanary: b", "canary must be a mapping with 'checkpoint'"),
     (CANARY + "{weight: 5}", "canary.checkpoint must be a checkpoint name in the store"),
     (CANARY + "{checkpoint: b, path: c, stable: d}", "canary has unknown keys ['path', 'stable']"),
@@ -111,10 +112,10 @@ BAD_SPECS = [
     (CANARY + "{checkpoint: b, shadow: 200}", "canary.shadow must be an integer 0-100, found 200"),
     (CANARY + "{checkpoint: b, shadow: false}",
      "canary.shadow must be an integer 0-100, found False"),
-    (CANARY + "{checkpoint: b, min_match: 1.5}", "canary.min_match must be within [0, 1]"),
-    (CANARY + "{checkpoint: b, min_match: -0.1}", "canary.min_match must be within [0, 1]"),
-    (CANARY + "{checkpoint: b, min_match: half}", "canary.min_match must be within [0, 1]"),
-    (CANARY + "{checkpoint: b, min_match: .nan}", "canary.min_match must be within [0, 1]"),
+    (CANARY + "{checkpoint: b, min_match: 1.5}", "canary.min_match must be a number within [0, 1], found 1.5"),
+    (CANARY + "{checkpoint: b, min_match: -0.1}", "canary.min_match must be a number within [0, 1], found -0.1"),
+    (CANARY + "{checkpoint: b, min_match: half}", "canary.min_match must be a number within [0, 1], found 'half'"),
+    (CANARY + "{checkpoint: b, min_match: .nan}", "canary.min_match must be a number within [0, 1], found nan"),
     ("stable: [a", "not valid YAML/JSON: while parsing a flow sequence"),
     ('{"stable": {"checkpoint": "a"}', "not valid YAML/JSON: while parsing a flow mapping"),
     ("a: b: c", "not valid YAML/JSON: mapping values are not allowed here"),
@@ -130,7 +131,7 @@ def test_bad_spec_is_a_400_saying_what_is_wrong(text: str, message: str) -> None
         parse_spec(text)
     assert str(info.value) == f"rollout spec: {message}"
     assert isinstance(info.value, RequestError)
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
     assert info.value.reason == "rollout"
 
 
@@ -145,7 +146,7 @@ def test_unknown_keys_of_mixed_types_are_a_400(text: str, message: str) -> None:
 
 
 def test_min_match_bool_is_refused() -> None:
-    with pytest.raises(RolloutSpecError, match=r"canary\.min_match must be within \[0, 1\]"):
+    with pytest.raises(RolloutSpecError, match=r"^rollout spec: canary\.min_match must be a number within \[0, 1\], found True$"):
         parse_spec(CANARY + "{checkpoint: b, min_match: true}")
 
 
@@ -285,7 +286,7 @@ def test_stamp_is_mtime_size_inode(tmp_path: Path) -> None:
 def test_read_missing_file_is_a_400(tmp_path: Path) -> None:
     with pytest.raises(RolloutSpecError, match=r"^rollout file unreadable: FileNotFoundError$") as info:
         RolloutFile(tmp_path / "missing.yaml").read()
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
 
 
 def test_read_binary_file_is_a_400(tmp_path: Path) -> None:
@@ -300,7 +301,7 @@ def test_read_names_the_file_not_its_folder(tmp_path: Path) -> None:
     path.write_text("stable: {checkpoint: a, mode: merge}\n")
     with pytest.raises(RolloutSpecError) as info:
         RolloutFile(path).read()
-    assert str(info.value) == "rollout file r.yaml: stable.mode must be replace (express merges as stable.merge)"
+    assert str(info.value) == "rollout file r.yaml: stable.mode must be replace (express merges as stable.merge), found 'merge'"
     assert str(tmp_path) not in str(info.value)
 
 

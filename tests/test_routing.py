@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from service.routing import CanaryGuard, GuardPolicy, bucket_of, choose_slot
+from service.control.routing import CanaryGuard, GuardPolicy, bucket_of, choose_slot
 
 WEIGHTS = (1, 5, 10, 25, 50, 75, 90, 99)
 
@@ -76,7 +76,7 @@ def test_keyed_choice_is_sticky_over_repeated_requests() -> None:
 def test_raising_the_weight_never_moves_a_canary_key_back_to_stable() -> None:
     keys = [f"user-{i}" for i in range(2000)]
     for key in keys:
-        slots = [choose_slot(w, True, key) for w in range(0, 101)]
+        slots = [choose_slot(w, True, key) for w in range(101)]
         first_canary = slots.index("canary")  # weight 100 is always canary, so this exists
         assert slots[:first_canary] == ["stable"] * first_canary
         assert slots[first_canary:] == ["canary"] * (101 - first_canary)

@@ -55,7 +55,7 @@ def test_three_input_forms_agree_with_the_offline_model(server: Server, resnet18
     lambda: encode(photo(4).convert("P"), "GIF"),
     lambda: encode(photo(5).convert("CMYK"), "JPEG"),
     lambda: encode(photo(6), "WEBP", quality=80),
-    lambda: encode(Image.fromarray((np.asarray(photo(7).convert("L"), dtype=np.uint16) * 257)), "PNG"),
+    lambda: encode(Image.fromarray(np.asarray(photo(7).convert("L"), dtype=np.uint16) * 257), "PNG"),
 ], ids=["gray-png", "rgba-png", "palette-gif", "cmyk-jpeg", "webp", "16bit-png"])
 def test_unusual_modes_are_served_like_offline(server: Server, resnet18_ckpt: Path, make) -> None:
     data = make()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from models import CheckpointMeta
-from service.slots import SLOT_NAMES, ServingState, SharedState, SlotSpec, WorkerAck, atomic_write
+from service.control.slots import SLOT_NAMES, ServingState, SharedState, SlotSpec, WorkerAck, atomic_write
 from tests.conftest import CLASSES7
 
 META = CheckpointMeta.for_arch("resnet18", CLASSES7, created_at="2026-01-01T00:00:00Z").to_dict()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from service.control.store import CheckpointStore
 from service.errors import NotFound, RequestError
-from service.store import CheckpointStore
+from service.http.errors import status_of
 
 EMPTY = "checkpoint must be a non-empty path inside the checkpoint store"
 
@@ -59,14 +60,14 @@ def test_absolute_path_is_a_400(store: CheckpointStore, name: str) -> None:
     err = _refused(store, name)
     assert str(err) == (f"checkpoint {name!r} must be a relative path inside the checkpoint store "
                         "(no absolute paths, no '..')")
-    assert (err.status, err.reason) == (400, "path")
+    assert (status_of(err), err.reason) == (400, "path")
 
 
 def test_absolute_path_into_the_store_is_still_a_400(store: CheckpointStore) -> None:
     name = str(store.root / "base.safetensors")
     with pytest.raises(RequestError) as info:
         store.resolve(name)
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
     assert str(info.value) == (f"checkpoint {name!r} must be a relative path inside the checkpoint store "
                                "(no absolute paths, no '..')")
 
@@ -78,21 +79,21 @@ def test_dotdot_and_home_are_a_400(store: CheckpointStore, name: str) -> None:
     err = _refused(store, name)
     assert str(err) == (f"checkpoint {name!r} must be a relative path inside the checkpoint store "
                         "(no absolute paths, no '..')")
-    assert (err.status, err.reason) == (400, "path")
+    assert (status_of(err), err.reason) == (400, "path")
 
 
 @pytest.mark.parametrize("name", ["", "base.safetensors\0", "\0", "a\0/../../etc/passwd"])
 def test_empty_or_nul_is_a_400(store: CheckpointStore, name: str) -> None:
     err = _refused(store, name)
     assert str(err) == EMPTY
-    assert (err.status, err.reason) == (400, "path")
+    assert (status_of(err), err.reason) == (400, "path")
 
 
 @pytest.mark.parametrize("name", [None, 3, b"base.safetensors", ["base.safetensors"]])
 def test_non_string_is_a_400(store: CheckpointStore, name: object) -> None:
     err = _refused(store, name)
     assert str(err) == EMPTY
-    assert err.status == 400
+    assert status_of(err) == 400
 
 
 def test_symlink_inside_the_store_pointing_inside_is_fine(store: CheckpointStore) -> None:
@@ -106,7 +107,7 @@ def test_symlink_to_a_file_outside_is_a_400(store: CheckpointStore, tmp_path: Pa
     os.symlink(tmp_path / "outside.safetensors", store.root / "escape.safetensors")
     err = _refused(store, "escape.safetensors")
     assert str(err) == "checkpoint 'escape.safetensors' resolves outside the checkpoint store (symlink)"
-    assert (err.status, err.reason) == (400, "path")
+    assert (status_of(err), err.reason) == (400, "path")
 
 
 def test_symlinked_directory_leading_outside_is_a_400(store: CheckpointStore, tmp_path: Path) -> None:
@@ -134,14 +135,14 @@ def test_sibling_folder_with_the_store_name_as_prefix_is_outside(store: Checkpoi
 def test_missing_file_is_a_404(store: CheckpointStore) -> None:
     err = _refused(store, "nope.safetensors", NotFound)
     assert str(err) == "no checkpoint 'nope.safetensors' in the checkpoint store"
-    assert (err.status, err.reason) == (404, "missing")
+    assert (status_of(err), err.reason) == (404, "missing")
 
 
 @pytest.mark.parametrize("name", ["heads", "heads/v3", ".", "heads/"])
 def test_directory_is_a_404(store: CheckpointStore, name: str) -> None:
     err = _refused(store, name, NotFound)
     assert str(err) == f"no checkpoint {name!r} in the checkpoint store"
-    assert err.status == 404
+    assert status_of(err) == 404
 
 
 def test_dangling_symlink_inside_is_a_404(store: CheckpointStore) -> None:
@@ -161,5 +162,5 @@ def test_unresolvable_name_is_a_client_error_without_the_path(store: CheckpointS
     os.symlink("loop.safetensors", store.root / "loop.safetensors")  # a link to itself
     with pytest.raises(RequestError) as info:
         store.resolve(name)
-    assert info.value.status in (400, 404)
+    assert status_of(info.value) in (400, 404)
     assert str(store.root) not in str(info.value)

@@ -13,11 +13,11 @@ import tritonclient.http as triton
 from PIL import Image
 
 from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
-from service.v2_protocol import (
+from service.http.errors import status_of
+from service.protocols.v2 import (
     InferRequest,
     RequestedOutput,
     encode_infer_response,
-    error_body,
     model_metadata,
     parse_infer_request,
     server_metadata,
@@ -318,11 +318,6 @@ def test_model_metadata():
     }
 
 
-def test_error_body():
-    assert error_body('bad "input"') == b'{"error": "bad \\"input\\""}'
-    assert json.loads(error_body("x")) == {"error": "x"}
-
-
 # --- refusals -----------------------------------------------------------------------------------------
 
 
@@ -492,7 +487,7 @@ def test_refusal(request_: tuple[bytes, dict[str, str]], error: type[RequestErro
     with pytest.raises(RequestError) as info:
         parse(body, headers)
     assert type(info.value) is error
-    assert info.value.status == {RequestError: 400, PayloadTooLarge: 413, UnsupportedMediaType: 415}[error]
+    assert status_of(info.value) == {RequestError: 400, PayloadTooLarge: 413, UnsupportedMediaType: 415}[error]
     assert info.value.reason == reason
     assert message in str(info.value)
 

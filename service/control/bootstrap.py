@@ -12,12 +12,12 @@ import logging
 import threading
 from pathlib import Path
 
-from service.controller import Controller
+from service.control.controller import Controller
+from service.control.rollout import RolloutFile, RolloutSpecError, spec_of
+from service.control.slots import ServingState, SharedState
+from service.control.store import CheckpointStore
 from service.errors import RequestError
-from service.rollout import RolloutFile, RolloutSpecError, spec_of
 from service.settings import Settings
-from service.slots import ServingState, SharedState
-from service.store import CheckpointStore
 
 log = logging.getLogger("headswap.rollout")
 POLL_S = 2.0

@@ -22,30 +22,32 @@ from types import FrameType
 import litserve as ls
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from litserve.utils import WorkerSetupStatus
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
 
-from service.admin import AdminRoutes
-from service.admission import Admission, QueueLedger
-from service.app import Routes, ServedContext
-from service.audit import AuditLog
-from service.bootstrap import bootstrap, watch_rollout
-from service.controller import Controller
-from service.decode import DecodeLimits
-from service.dispatch import Dispatcher
-from service.memory import pin_mmap_threshold
-from service.metrics import Metrics, exposition
-from service.rollout import RolloutFile
-from service.routing import CanaryGuard, GuardPolicy
+from service.control.audit import AuditLog
+from service.control.bootstrap import bootstrap, watch_rollout
+from service.control.controller import Controller
+from service.control.memory import pin_mmap_threshold
+from service.control.rollout import RolloutFile
+from service.control.routing import CanaryGuard, GuardPolicy
+from service.control.slots import SharedState
+from service.control.store import CheckpointStore
+from service.http.admin import AdminRoutes
+from service.http.errors import framework_error
+from service.http.routes import Routes
+from service.http.sidecar import SidecarServer, check_bindable, local_address
+from service.http.v2_routes import V2Routes
+from service.inference.admission import Admission, QueueLedger
+from service.inference.dataplane import DataPlane
+from service.inference.decode import DecodeLimits
+from service.inference.dispatch import Dispatcher
+from service.inference.engine import check_servable
+from service.inference.worker import ClassifierAPI, WorkerConfig
+from service.observability.metrics import Metrics, StateCollector, exposition
 from service.settings import Settings
-from service.sidecar import SidecarServer, check_bindable, local_address
-from service.slots import SharedState
-from service.store import CheckpointStore
-from service.v2_routes import V2Routes
-from service.worker import ClassifierAPI, WorkerConfig
 
 log = logging.getLogger("headswap")
 
@@ -93,7 +95,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     for port, what in ((settings.port, "server"), (settings.admin_port, "admin port"), (settings.metrics_port, "metrics port")):
         if port:
             check_bindable(settings.host, port, what)  # before anything slow: a taken port fails at once
-    pin_mmap_threshold()  # before the API servers fork; spawned workers start afresh (service.memory)
+    pin_mmap_threshold()  # before the API servers fork; spawned workers start afresh (service.control.memory)
     shared = SharedState(runtime)
     store = CheckpointStore(settings.store)
     metrics = Metrics()
@@ -107,38 +109,26 @@ def _serve(settings: Settings, runtime: Path) -> int:
     ledger = QueueLedger(workers)
     admission = Admission(ledger, settings.queue_bound, floor=2 * settings.max_batch_size * workers)
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
-                            rollout=rollout, events=metrics, swap_timeout_s=settings.swap_timeout_s)
+                            validate=check_servable, rollout=rollout, metrics=metrics, swap_timeout_s=settings.swap_timeout_s)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
     model_name = settings.model_name or state.stable.meta.get("name") or state.stable.meta["arch"]
-    config = WorkerConfig(
-        state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision,
-        threads=max(1, cores // workers), max_batch_size=settings.max_batch_size,
-        batch_timeout_s=settings.batch_timeout_ms / 1000, timeout_s=settings.timeout_s, log_level=settings.log_level,
-        decode_on_worker=settings.decode_on == "worker", solo_threads=cores if cpu and workers > 1 else 0,
-        max_queue_wait_s=settings.max_queue_wait_ms / 1000,
-    )
-    accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
-    server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
-                          timeout=False, restart_workers=True)
-    server.uvicorn_graceful_timeout = settings.drain_timeout_s
-    # Read by each spawned worker: OpenMP threads spin briefly between the layers of a forward
-    # pass (sleeping there costs ~20% at batch 1) and sleep soon after it, leaving the cores to decode.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers))
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     readiness = Readiness(server, expected, shared)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
-                            settings.timeout_s, settings.decode_threads, on_result=lambda r: metrics.queue_wait.observe(r.queue_wait_s),
+                            settings.timeout_s, settings.decode_threads, metrics=metrics,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
-    ctx = ServedContext(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
-                        max_image_bytes=settings.max_image_bytes, metrics=metrics, guard=guard, controller=controller)
-    Routes(ctx).install(server.app)
-    V2Routes(ctx).install(server.app)
-    main_pid = os.getpid()
-    metrics_route = _metrics_route(shared, main_pid, ledger)
+    plane = DataPlane(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
+                      metrics=metrics, guard=guard, controller=controller)
+    Routes(plane, metrics, settings.max_image_bytes).install(server.app)
+    V2Routes(plane, metrics, settings.max_image_bytes).install(server.app)
+    collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
+                               worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
+    metrics_route = _metrics_route(collector)
     server.app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics",
                              response_class=PlainTextResponse)
-    server.app.add_exception_handler(StarletteHTTPException, _framework_error)
+    server.app.add_exception_handler(StarletteHTTPException, framework_error)
     sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
@@ -153,6 +143,26 @@ def _serve(settings: Settings, runtime: Path) -> int:
             sidecar.stop()
     log.info("headswap stopped")
     return 0
+
+
+def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers: int, solo_threads: int,
+                threads: int) -> ls.LitServer:
+    """LitServe with our worker loop: ``workers`` per device, each with ``threads`` intra-op threads
+    (``solo_threads`` for a batch that runs alone)."""
+    config = WorkerConfig(
+        state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision, threads=threads,
+        max_batch_size=settings.max_batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000,
+        timeout_s=settings.timeout_s, log_level=settings.log_level, decode_on_worker=settings.decode_on == "worker",
+        solo_threads=solo_threads, max_queue_wait_s=settings.max_queue_wait_ms / 1000,
+    )
+    accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
+    server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
+                          timeout=False, restart_workers=True)
+    server.uvicorn_graceful_timeout = settings.drain_timeout_s
+    # Read by each spawned worker: OpenMP threads spin briefly between the layers of a forward
+    # pass (sleeping there costs ~20% at batch 1) and sleep soon after it, leaving the cores to decode.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    return server
 
 
 class Readiness:
@@ -210,14 +220,9 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own 404/405 in our error shape, ``{"error": ...}``, keeping its headers (Allow)."""
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-def _metrics_route(shared: SharedState, main_pid: int, ledger: QueueLedger):  # noqa: ANN202
+def _metrics_route(collector: StateCollector):
     async def metrics() -> Response:
-        return Response(exposition(shared, main_pid, ledger), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(collector), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

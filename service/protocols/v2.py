@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
-from service.v2_tensors import (
+from service.protocols.v2_tensors import (
     HEADER_LENGTH,
     base64_elements,
     binary_section,
@@ -311,8 +311,3 @@ def model_metadata(*, name: str, versions: Sequence[str], num_classes: int, inpu
         ],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]}],
     }
-
-
-def error_body(message: str) -> bytes:
-    """A V2 error response body: ``{"error": "<message>"}``."""
-    return json.dumps({"error": message}).encode()

@@ -29,13 +29,13 @@ from models import (
 )
 from models.checkpoint import utc_now
 from models.merge import MergeReport
-from service.audit import AuditLog
-from service.engine import Engine
+from service.control.audit import AuditLog
+from service.control.memory import release_freed_memory
+from service.control.rollout import RolloutFile, RolloutSpec, spec_of
+from service.control.slots import ServingState, SharedState, SlotSpec
+from service.control.store import CheckpointStore
 from service.errors import Conflict, InternalError, RequestError, Unprocessable
-from service.memory import release_freed_memory
-from service.rollout import RolloutFile, RolloutSpec, spec_of
-from service.slots import ServingState, SharedState, SlotSpec
-from service.store import CheckpointStore
+from service.observability.metrics import Metrics
 
 log = logging.getLogger("headswap.controller")
 
@@ -55,15 +55,21 @@ class Candidate:
     report: MergeReport | None
 
 
+# Builds a candidate as the workers will run it and warms it up; raises IncompatibleCheckpointError
+# (the state does not fit its architecture) or ValueError (a bad warm-up). The inference engine's.
+Validator = Callable[[dict[str, torch.Tensor], Any, str], None]
+
+
 class Controller:
-    def __init__(self, shared: SharedState, store: CheckpointStore, workers: int, *, audit: AuditLog,
-                 rollout: RolloutFile | None = None, events: Any = None, swap_timeout_s: float = 120.0) -> None:
+    def __init__(self, shared: SharedState, store: CheckpointStore, workers: int, *, audit: AuditLog, validate: Validator,
+                 rollout: RolloutFile | None = None, metrics: Metrics | None = None, swap_timeout_s: float = 120.0) -> None:
         self.shared = shared
         self.store = store
         self.workers = workers
         self.audit = audit
+        self.validate = validate
         self.rollout = rollout
-        self.events = events
+        self.metrics = metrics
         self.swap_timeout_s = swap_timeout_s
         self.live = False  # no workers to wait for until start-up is done
 
@@ -100,16 +106,15 @@ class Controller:
                         loaded_at=utc_now(), merge_report=report.summary() if report else None)
         return Candidate(spec, report)
 
-    @staticmethod
-    def _validate_weights(state: dict[str, torch.Tensor], meta: Any, version: str) -> None:
+    def _validate_weights(self, state: dict[str, torch.Tensor], meta: Any, version: str) -> None:
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise Unprocessable(f"tensors with NaN or Inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
                                 reason="non_finite")
         try:
-            Engine(torch.device("cpu"), "fp32").prepare(state, meta, version, "candidate")
+            self.validate(state, meta, version)
         except IncompatibleCheckpointError as exc:
-            raise Conflict(str(exc).split(": ", 1)[-1], reason="incompatible",
+            raise Unprocessable(str(exc).split(": ", 1)[-1], reason="incompatible",
                            details={"report": exc.report.to_dict()}) from None
         except ValueError as exc:
             raise Unprocessable(f"warm-up failed: {exc}", reason="warmup") from None
@@ -159,8 +164,8 @@ class Controller:
     def _reject(self, slot: str, checkpoint: str, exc: RequestError, merges: tuple[str, ...] = ()) -> NoReturn:
         """Count and record a refused checkpoint (GET /admin/models shows the last one), then raise."""
         self.shared.record_rejection({"at": utc_now(), "slot": slot, "checkpoint": checkpoint, "merges": list(merges),
-                                      "status": exc.status, "reason": exc.reason, "error": str(exc)})
-        self._emit("swap", slot=slot, result="rejected")
+                                      "type": type(exc).__name__, "reason": exc.reason, "error": str(exc)})
+        self._count_swap(slot, "rejected")
         raise exc
 
     def set_canary(self, weight: int, shadow: int, caller: str) -> dict[str, Any]:
@@ -192,7 +197,8 @@ class Controller:
             else:
                 raise Conflict("nothing to roll back: no canary and no previous stable version", reason="nothing")
             result = self._commit(current, new, action=f"rollback:{reason}", caller=caller)
-        self._emit("rollback", reason=reason)
+        if self.metrics is not None:
+            self.metrics.rollbacks.labels(reason).inc()
         return result
 
     # ---- rollout spec -----------------------------------------------------------------------
@@ -223,7 +229,8 @@ class Controller:
             current = self.shared.read()
             if current.rollout_error != message:
                 self.shared.write(current.next(rollout_error=message))
-        self._emit("rollout_error")
+        if self.metrics is not None:
+            self.metrics.rollout_errors.inc()
 
     # ---- committing ---------------------------------------------------------------------------
     def _require_mutable(self, caller: str) -> None:
@@ -247,7 +254,7 @@ class Controller:
             restored = replace(current, generation=new.generation + 1)
             self.shared.write(restored)
             self.shared.wait_for(restored.generation, self.workers, self.swap_timeout_s)
-            self._emit("swap", slot=slot or "stable", result="failed")
+            self._count_swap(slot or "stable", "failed")
             self.audit.record(action=action, caller=caller, checkpoint=checkpoint, before=_versions(current),
                               after=_versions(current), result="failed", errors=errors)
             detail = errors or {"timeout": f"{missing} worker(s) did not switch within {self.swap_timeout_s:g} s"}
@@ -257,16 +264,18 @@ class Controller:
             self.rollout.write(spec_of(new))
         elapsed = time.monotonic() - started
         if slot is not None:
-            self._emit("swap", slot=slot, result="ok", seconds=elapsed)
+            self._count_swap(slot, "ok", elapsed)
         self.audit.record(action=action, caller=caller, checkpoint=checkpoint, before=_versions(current),
                           after=_versions(new), result="ok", merge=report.summary() if report else None)
         log.info("%s by %s: %s -> %s in %.2f s", action, caller, _versions(current), _versions(new), elapsed)
         return {"result": "ok", "generation": new.generation, "versions": _versions(new), "seconds": round(elapsed, 3)}
 
-    def _emit(self, event: str, **data: Any) -> None:
-        handler: Callable[..., None] | None = getattr(self.events, event, None) if self.events else None
-        if handler is not None:
-            handler(**data)
+    def _count_swap(self, slot: str, result: str, seconds: float | None = None) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.swaps.labels(slot, result).inc()
+        if seconds is not None:
+            self.metrics.swap_duration.observe(seconds)
 
 
 def _versions(state: ServingState) -> dict[str, str | None]:

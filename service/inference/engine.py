@@ -21,12 +21,11 @@ from torch import nn
 
 from models import CheckpointMeta, classifier_from_state
 from models.transforms import normalize, resize_crop
-from service.decode import decode_jpegs
 from service.errors import RequestError
+from service.inference.decode import decode_jpegs
 
 log = logging.getLogger(__name__)
 
-SLOTS = ("stable", "canary")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -176,6 +175,12 @@ class Engine:
                 f" (expected finite (2, {loaded.meta.num_classes}))"
             )
         log.debug("warm-up of %s took %.0f ms", loaded.version, (time.perf_counter() - started) * 1000)
+
+
+def check_servable(state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str) -> None:
+    """Build ``state`` as a worker would, on the CPU, and warm it up. Raises IncompatibleCheckpointError
+    if it does not fit its architecture, ValueError if the warm-up gives non-finite or misshapen outputs."""
+    Engine(torch.device("cpu"), "fp32").prepare(state, meta, version, "candidate")
 
 
 def _answer(probs: np.ndarray, loaded: Loaded, top_k: int, slot: str) -> Answer:

@@ -26,12 +26,12 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from models.finetune import resolve_device
-from service.admission import QueueLedger
-from service.engine import Answer, Engine, Item, resolve_precision
-from service.follower import SlotFollower
-from service.metrics import Metrics
-from service.slots import SharedState
-from service.errors import RequestError
+from service.control.slots import SharedState
+from service.errors import GatewayTimeout, InternalError, Overloaded, RequestError
+from service.inference.admission import QueueLedger
+from service.inference.engine import Answer, Engine, Item, resolve_precision
+from service.inference.follower import SlotFollower
+from service.observability.metrics import Metrics
 
 log = logging.getLogger("headswap.worker")
 IDLE_POLL_S = 0.05  # how often an idle worker passes its control point
@@ -147,9 +147,14 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, output: Answer | RequestError) -> dict[str, Any]:
         if isinstance(output, RequestError):
-            return {"status": output.status, "error": str(output), "reason": output.reason}
-        return {"status": 200, "probabilities": output.probabilities.tobytes(), "top": output.top,
+            return failure(output)
+        return {"probabilities": output.probabilities.tobytes(), "top": output.top,
                 "version": output.version, "slot": output.slot}
+
+
+def failure(exc: RequestError) -> dict[str, Any]:
+    """An item's answer when it fails: the error by type name (the API server raises the same type)."""
+    return {"error": str(exc), "type": type(exc).__name__, "reason": exc.reason}
 
 
 def _more_coming(entry: Any) -> bool:
@@ -165,18 +170,18 @@ def _refusal(arrived: float, payload: Any, now: float, config: WorkerConfig) -> 
     --max-queue-wait-ms), else None. Times are time.monotonic, which is one clock for every process."""
     deadline = payload.get("deadline") if isinstance(payload, dict) else None
     if now > (deadline if deadline is not None else arrived + config.timeout_s):
-        return {"status": 504, "error": f"deadline passed after {now - arrived:.3f} s waiting for a worker; not run",
-                "reason": "deadline"}
+        return failure(GatewayTimeout(f"deadline passed after {now - arrived:.3f} s waiting for a worker; not run",
+                                      reason="deadline"))
     if config.max_queue_wait_s and now - arrived > config.max_queue_wait_s:
-        return {"status": 503, "error": f"overloaded: waited {(now - arrived) * 1000:.0f} ms for a worker, over "
-                f"--max-queue-wait-ms {config.max_queue_wait_s * 1000:g}; not run", "reason": "overload"}
+        return failure(Overloaded(f"overloaded: waited {(now - arrived) * 1000:.0f} ms for a worker, over "
+                                  f"--max-queue-wait-ms {config.max_queue_wait_s * 1000:g}; not run", retry_after=1))
     return None
 
 
 class InferenceLoop(BatchedLoop):
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
         """Block briefly for a first request, drain the queue, then wait up to batch_timeout while
-        more images are on their way (the newest item's ``arriving`` hint, see service.dispatch)."""
+        more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch)."""
         try:
             first = request_queue.get(timeout=IDLE_POLL_S)
         except Empty:
@@ -246,9 +251,9 @@ class InferenceLoop(BatchedLoop):
             answers = iter(lit_api.unbatch(lit_api.predict(lit_api.batch(runnable))) if runnable else [])
         except Exception:  # a failing forward pass answers 500 for its batch; the worker lives on
             log.exception("inference failed for a batch of %d", len(runnable))
-            return [{"status": 500, "error": "inference failed", "reason": "inference"} for _ in payloads]
+            return [failure(InternalError("inference failed", reason="inference")) for _ in payloads]
         return [lit_api.encode_response(next(answers)) if item is not None
-                else {"status": 500, "error": "malformed internal request", "reason": "internal"} for item in items]
+                else failure(InternalError("malformed internal request", reason="internal")) for item in items]
 
     def _send(self, transport: Any, response_queue_id: int, uid: str, response: dict[str, Any]) -> None:
         self.put_response(transport, response_queue_id, uid, response, LitAPIStatus.OK, LoopResponseType.REGULAR)

@@ -19,7 +19,6 @@ import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from service.errors import Overloaded
 
@@ -107,7 +106,7 @@ class Ticket:
     def __enter__(self) -> Ticket:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

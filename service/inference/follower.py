@@ -9,8 +9,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from models import load_checkpoint
-from service.engine import Engine, Loaded
-from service.slots import SLOT_NAMES, ServingState, SharedState, SlotSpec, WorkerAck
+from service.control.slots import SLOT_NAMES, ServingState, SharedState, SlotSpec, WorkerAck
+from service.inference.engine import Engine, Loaded
 
 log = logging.getLogger("headswap.worker")
 KEEP_WARM = 4  # prepared versions kept in memory: stable, canary, previous stable, one spare

@@ -14,18 +14,16 @@ and ``exposition`` builds a fresh registry per scrape.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.admission import QueueLedger
-from service.slots import SharedState
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
-BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 9))  # 1, 2, 4, ... 256
+BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1, 2, 4, ... 256
 
 
 class Metrics:
@@ -56,29 +54,23 @@ class Metrics:
         self.gpu_memory = Gauge("headswap_gpu_memory_allocated_bytes", "CUDA memory held by tensors, per worker",
                                 multiprocess_mode="liveall", registry=r)
 
-    # controller events (see Controller._emit)
-    def swap(self, slot: str, result: str, seconds: float | None = None) -> None:
-        self.swaps.labels(slot, result).inc()
-        if seconds is not None:
-            self.swap_duration.observe(seconds)
-
-    def rollback(self, reason: str) -> None:
-        self.rollbacks.labels(reason).inc()
-
-    def rollout_error(self) -> None:
-        self.rollout_errors.inc()
-
 
 class StateCollector(Collector):
-    """Scrape-time view of the shared state: model_info, canary weight, shadow share, queue depth, memory."""
+    """Scrape-time view of what is served: model_info, canary weight, shadow share, queue depth, memory.
 
-    def __init__(self, shared: SharedState, main_pid: int, ledger: QueueLedger | None = None) -> None:
-        self.shared = shared
+    ``read_state`` returns the serving state (its ``slots()``, ``weight``, ``shadow``, ``canary``,
+    ``generation``); ``queue_depth`` the images waiting (None: no bound, no gauge); ``worker_pids``
+    the inference workers' process ids."""
+
+    def __init__(self, read_state: Callable[[], Any], main_pid: int, *, queue_depth: Callable[[], int] | None = None,
+                 worker_pids: Callable[[], Iterable[int]] = tuple) -> None:
+        self.read_state = read_state
         self.main_pid = main_pid
-        self.ledger = ledger
+        self.queue_depth = queue_depth
+        self.worker_pids = worker_pids
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.shared.read()
+        state = self.read_state()
         info = GaugeMetricFamily("headswap_model_info", "What each slot serves (=1)", labels=["slot", "version", "arch", "num_classes"])
         for slot, spec in state.slots().items():
             info.add_metric([slot, spec.version, str(spec.meta["arch"]), str(spec.meta["num_classes"])], 1)
@@ -88,12 +80,11 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("headswap_shadow_percent", "Share of stable requests shadowed on the canary, percent",
                                 value=state.shadow if state.canary else 0)
         yield GaugeMetricFamily("headswap_state_generation", "Generation of the served state", value=state.generation)
-        if self.ledger is not None:
+        if self.queue_depth is not None:
             yield GaugeMetricFamily("headswap_queue_depth", "Images admitted and waiting for a worker, whole server",
-                                    value=self.ledger.depth())
+                                    value=self.queue_depth())
         memory = GaugeMetricFamily("headswap_process_resident_memory_bytes", "Resident memory per process", labels=["role", "pid"])
-        pids = {"main": [self.main_pid], "api": [os.getpid()],
-                "worker": [ack.pid for ack in self.shared.acks().values()]}
+        pids = {"main": [self.main_pid], "api": [os.getpid()], "worker": list(self.worker_pids())}
         for role, role_pids in pids.items():
             for pid in role_pids:
                 rss = _rss(pid)
@@ -110,9 +101,9 @@ def _rss(pid: int) -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def exposition(shared: SharedState, main_pid: int, ledger: QueueLedger | None = None) -> bytes:
+def exposition(collector: StateCollector) -> bytes:
     """The Prometheus text exposition: every process's files, plus the state collector."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(StateCollector(shared, main_pid, ledger))
+    registry.register(collector)
     return generate_latest(registry)

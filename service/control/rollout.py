@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from service.control.slots import ServingState, atomic_write
 from service.errors import RequestError
-from service.slots import ServingState, atomic_write
-
-MODES = ("replace", "merge")
-
+from service.protocols.admin import RolloutDoc
+from service.protocols.wire import validate
 
 class RolloutSpecError(RequestError):
     """A malformed rollout spec; the server keeps serving what it serves."""
@@ -61,52 +60,15 @@ def parse_spec(text: str, *, where: str = "rollout spec") -> RolloutSpec:
         raise RolloutSpecError(f"{where}: not valid YAML/JSON: {str(exc).splitlines()[0]}", reason="rollout") from None
     if not isinstance(doc, dict):
         raise RolloutSpecError(f"{where}: expected a mapping with 'stable', found {type(doc).__name__}", reason="rollout")
-    unknown = set(doc) - {"revision", "stable", "canary"}
-    if unknown:
-        raise RolloutSpecError(f"{where}: unknown keys {sorted(unknown, key=str)}", reason="rollout")
-    stable = _mapping(doc.get("stable"), "stable", where, {"checkpoint", "merge", "mode"})
-    if stable.get("mode", "replace") != "replace":
-        raise RolloutSpecError(f"{where}: stable.mode must be replace (express merges as stable.merge)", reason="rollout")
-    merges = stable.get("merge", [])
-    if not isinstance(merges, list) or not all(isinstance(m, str) and m for m in merges):
-        raise RolloutSpecError(f"{where}: stable.merge must be a list of checkpoint names", reason="rollout")
-    spec: dict[str, Any] = {"revision": str(doc.get("revision", "")), "stable": _name(stable, "stable", where),
-                            "stable_merges": tuple(merges)}
-    if doc.get("canary") is not None:
-        canary = _mapping(doc["canary"], "canary", where, {"checkpoint", "mode", "weight", "shadow", "min_match", "merge"})
-        spec.update(canary=_name(canary, "canary", where), canary_mode=canary.get("mode", "replace"),
-                    weight=canary.get("weight", 0), shadow=canary.get("shadow", 0), min_match=canary.get("min_match", 0.0))
-        if spec["canary_mode"] not in MODES:
-            raise RolloutSpecError(f"{where}: canary.mode must be replace or merge, found {spec['canary_mode']!r}", reason="rollout")
-        canary_merges = canary.get("merge", [])
-        if not isinstance(canary_merges, list) or not all(isinstance(m, str) and m for m in canary_merges):
-            raise RolloutSpecError(f"{where}: canary.merge must be a list of checkpoint names", reason="rollout")
-        if canary_merges and spec["canary_mode"] != "replace":
-            raise RolloutSpecError(f"{where}: canary.merge needs mode replace (mode merge builds on stable)",
-                                   reason="rollout")
-        spec["canary_merges"] = tuple(canary_merges)
-        for key in ("weight", "shadow"):
-            if type(spec[key]) is not int or not 0 <= spec[key] <= 100:
-                raise RolloutSpecError(f"{where}: canary.{key} must be an integer 0-100, found {spec[key]!r}", reason="rollout")
-        min_match = spec["min_match"]
-        if isinstance(min_match, bool) or not isinstance(min_match, (int, float)) or not 0 <= min_match <= 1:
-            raise RolloutSpecError(f"{where}: canary.min_match must be within [0, 1]", reason="rollout")
-    return RolloutSpec(**spec)
-
-
-def _mapping(value: Any, key: str, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise RolloutSpecError(f"{where}: {key} must be a mapping with 'checkpoint'", reason="rollout")
-    if set(value) - allowed:
-        raise RolloutSpecError(f"{where}: {key} has unknown keys {sorted(set(value) - allowed, key=str)}", reason="rollout")
-    return value
-
-
-def _name(value: dict[str, Any], key: str, where: str) -> str:
-    name = value.get("checkpoint")
-    if not isinstance(name, str) or not name:
-        raise RolloutSpecError(f"{where}: {key}.checkpoint must be a checkpoint name in the store", reason="rollout")
-    return name
+    parsed = validate(RolloutDoc, doc, where=where, reason="rollout", error=RolloutSpecError)
+    spec = RolloutSpec(revision=parsed.revision, stable=parsed.stable.checkpoint, stable_merges=tuple(parsed.stable.merge))
+    canary = parsed.canary
+    if canary is None:
+        return spec
+    if canary.merge and canary.mode != "replace":
+        raise RolloutSpecError(f"{where}: canary.merge needs mode replace (mode merge builds on stable)", reason="rollout")
+    return replace(spec, canary=canary.checkpoint, canary_mode=canary.mode, canary_merges=tuple(canary.merge),
+                   weight=canary.weight, shadow=canary.shadow, min_match=canary.min_match)
 
 
 def spec_of(state: ServingState) -> RolloutSpec:

@@ -8,7 +8,7 @@ the limits here, and the worker decodes them in batches (nvJPEG on a GPU). Items
 workers through LitServe's request queue and come back through its response buffer; each
 one is awaited until its deadline (``timeout_s``, or sooner where the request asks), which
 also travels with the item: a worker refuses an item whose deadline passed before it took it.
-A request's images are admitted before they are decoded (``service.admission``): over the
+A request's images are admitted before they are decoded (``service.inference.admission``): over the
 bound, the request is refused whole with a 503.
 
 Each queued item carries ``arriving``: how many more images this process will queue soon
@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from litserve.server import ResponseBufferItem
-from starlette.requests import Request
 
 from models import CheckpointMeta
 from models.transforms import resize_crop
-from service.admission import Admission, Ticket
-from service.decode import DecodeLimits, check_image, decode_checked, device_decodable
-from service.errors import GatewayTimeout, InternalError, NotReady, Overloaded, RequestError
+from service.errors import GatewayTimeout, NotReady, Overloaded, by_name
+from service.inference.admission import Admission, Ticket
+from service.inference.decode import DecodeLimits, check_image, decode_checked, device_decodable
+from service.observability.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,12 @@ class Result:
 
 
 class Dispatcher:
-    def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int,
-                 on_result: Any = None, decode_on_worker: bool = False, admission: Admission | None = None) -> None:
+    def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int, *,
+                 admission: Admission, metrics: Metrics | None = None, decode_on_worker: bool = False) -> None:
         self.server = server
         self.admission = admission
         self.decode_on_worker = decode_on_worker
-        self.on_result = on_result
+        self.metrics = metrics
         self.api_path = api_path
         self.limits = limits
         self.timeout_s = timeout_s
@@ -99,7 +99,7 @@ class Dispatcher:
         budget = self.timeout_s if request_timeout_s is None else min(self.timeout_s, request_timeout_s)
         return (time.monotonic() if since is None else since) + budget
 
-    async def infer(self, request: Request, image: torch.Tensor | bytes, *, slot: str, top_k: int, deadline: float,
+    async def infer(self, image: torch.Tensor | bytes, *, slot: str, top_k: int, deadline: float,
                     ticket: Ticket | None = None, normalized: bool = False, following: int = 0) -> Result:
         """Queue one image (pixels, or JPEG bytes from ``preprocess``) for ``slot`` and await its answer
         until ``deadline`` (time.monotonic); ``ticket``: the request's admission, handed the image once it is
@@ -118,7 +118,8 @@ class Dispatcher:
         arrived = time.monotonic()
         budget = max(0.0, deadline - arrived)
         try:
-            self.server._get_request_queue(self.api_path).put((request.app.response_queue_id, uid, arrived, payload))
+            queue = self.server._get_request_queue(self.api_path)
+            queue.put((self.server.app.response_queue_id, uid, arrived, payload))  # this API server's own response queue
             if ticket is not None:
                 ticket.handed()
             await asyncio.wait_for(event.wait(), budget)
@@ -129,8 +130,8 @@ class Dispatcher:
         finally:
             self.server.response_buffer.pop(uid, None)
         result = _result(data, arrived, self.admission)
-        if self.on_result is not None:
-            self.on_result(result)
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(result.queue_wait_s)
         return result
 
 
@@ -141,17 +142,15 @@ def _prepare(data: bytes, limits: DecodeLimits, meta: CheckpointMeta, on_worker:
     return resize_crop(meta)(decode_checked(data, image)).contiguous()
 
 
-def _result(data: Any, arrived: float, admission: Admission | None) -> Result:
-    """A worker's answer as a Result, or its refusal as the matching RequestError."""
+def _result(data: Any, arrived: float, admission: Admission) -> Result:
+    """A worker's answer as a Result, or its refusal as the error it raised (sent by type name)."""
     if not isinstance(data, dict):
         raise NotReady("the inference worker went away; retry", reason="worker_lost")
-    status = data.get("status")
-    if status == 503:  # not run: it waited past --max-queue-wait-ms
-        retry_after = admission.retry_after() if admission is not None else 1
-        raise Overloaded(data.get("error", "overloaded"), retry_after=retry_after, reason=data.get("reason", "overload"))
-    if status != 200:
-        error = {504: GatewayTimeout, 500: InternalError}.get(status, RequestError)
-        raise error(data.get("error", "inference failed"), reason=data.get("reason", "inference"))
+    if "error" in data:
+        error, reason = by_name(data.get("type", "")), data.get("reason", "inference")
+        if issubclass(error, Overloaded):  # not run: it waited past --max-queue-wait-ms
+            raise Overloaded(data["error"], retry_after=admission.retry_after(), reason=reason)
+        raise error(data["error"], reason=reason)
     return Result(
         probabilities=np.frombuffer(data["probabilities"], dtype=np.float32),
         top=[tuple(t) for t in data["top"]],

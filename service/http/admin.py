@@ -14,17 +14,17 @@ import json
 from typing import Any
 
 from fastapi import FastAPI, Security
-from fastapi.security import HTTPBearer
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from starlette.requests import Request
 
-from service.app import guarded
-from service.controller import Controller, LoadRequest
-from service.errors import RequestError, Unauthorized
-from service.slots import SharedState
+from service.control.controller import Controller, LoadRequest
+from service.control.slots import SharedState
+from service.protocols.admin import CanaryBody, LoadBody
+from service.protocols.wire import schema, validate
+from service.errors import RequestError, Unauthorized, by_name
+from service.http.errors import guarded, status_for
 
-SLOTS = ("stable", "canary")
-MODES = ("replace", "merge")
 
 
 def token_id(token: str) -> str:
@@ -72,37 +72,21 @@ class AdminRoutes:
             "stable": state.stable.public(), "canary": state.canary.public() if state.canary else None,
             "canary_weight": state.weight if state.canary else 0, "shadow": state.shadow if state.canary else 0,
             "previous_stable": state.previous_stable.version if state.previous_stable else None,
-            "rollout_error": state.rollout_error, "last_rejection": self.shared.last_rejection(),
+            "rollout_error": state.rollout_error, "last_rejection": _with_status(self.shared.last_rejection()),
             "workers": workers, "guard": self.guard_settings,
             "converged": bool(workers) and all(w["generation"] >= state.generation and not w["error"] for w in workers.values()),
         })
 
     async def load(self, request: Request) -> Response:
-        body = await _json_body(request)
-        unknown = set(body) - {"checkpoint", "slot", "mode", "min_match", "allow_new_classes"}
-        if unknown:
-            raise RequestError(f"unknown fields {sorted(unknown)}", reason="body")
-        checkpoint = body.get("checkpoint")
-        if not isinstance(checkpoint, str) or not checkpoint:
-            raise RequestError('"checkpoint" must be a path inside the checkpoint store', reason="body")
-        slot, mode = body.get("slot", "stable"), body.get("mode", "replace")
-        if slot not in SLOTS or mode not in MODES:
-            raise RequestError(f'"slot" must be stable or canary and "mode" replace or merge, found {slot!r}, {mode!r}', reason="body")
-        min_match = body.get("min_match", 0.0)
-        if isinstance(min_match, bool) or not isinstance(min_match, (int, float)) or not 0 <= min_match <= 1:
-            raise RequestError('"min_match" must be a number within [0, 1]', reason="body")
-        allow = body.get("allow_new_classes", False)
-        if not isinstance(allow, bool):
-            raise RequestError('"allow_new_classes" must be true or false', reason="body")
-        req = LoadRequest(checkpoint, slot, mode, float(min_match), allow)
+        body = validate(LoadBody, await _json_body(request), quote=True)
+        req = LoadRequest(body.checkpoint, body.slot, body.mode, body.min_match, body.allow_new_classes)
         return JSONResponse(await asyncio.to_thread(self.controller.load, req, self._caller))
 
     async def canary(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = validate(CanaryBody, await _json_body(request), quote=True)
         current = self.shared.read()
-        weight, shadow = body.get("weight", current.weight), body.get("shadow", current.shadow)
-        if set(body) - {"weight", "shadow"} or not all(type(v) is int and 0 <= v <= 100 for v in (weight, shadow)):
-            raise RequestError('body must be {"weight": 0-100, "shadow": 0-100} (integers)', reason="body")
+        weight = current.weight if body.weight is None else body.weight
+        shadow = current.shadow if body.shadow is None else body.shadow
         return JSONResponse(await asyncio.to_thread(self.controller.set_canary, weight, shadow, self._caller))
 
     async def promote(self, request: Request) -> Response:
@@ -127,12 +111,16 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer")
 ADMIN_OPENAPI: dict[str, dict[str, Any]] = {
-    "/admin/load": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["checkpoint"], "properties": {
-            "checkpoint": {"type": "string"}, "slot": {"type": "string", "enum": list(SLOTS)},
-            "mode": {"type": "string", "enum": list(MODES)}, "min_match": {"type": "number", "minimum": 0, "maximum": 1},
-            "allow_new_classes": {"type": "boolean"}}}}}}},
-    "/admin/canary": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"weight": {"type": "integer", "minimum": 0, "maximum": 100},
-                                         "shadow": {"type": "integer", "minimum": 0, "maximum": 100}}}}}}},
+    path: {"requestBody": {"required": True, "content": {"application/json": {"schema": schema(model)}}}}
+    for path, model in (("/admin/load", LoadBody), ("/admin/canary", CanaryBody))
 }
+
+
+def _with_status(rejection: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recorded rejection as the admin API shows it: with the HTTP status its error had."""
+    if rejection is None:
+        return None
+    if "type" not in rejection:  # recorded by an earlier release, with its status
+        return rejection
+    shown = {k: v for k, v in rejection.items() if k != "type"}
+    return {**shown, "status": status_for(by_name(rejection["type"]))}

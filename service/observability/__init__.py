@@ -1,0 +1,1 @@
+"""Prometheus metrics, exact across every process of a server, and their multiprocess plumbing."""

@@ -1,0 +1,98 @@
+"""Pydantic models of the JSON the service takes, and one-line messages for what they refuse.
+
+Models are strict (no coercion: ``"10"`` is not 10, ``true`` is not 1) and forbid unknown keys.
+Each field's ``description`` says what it must be; it is both the OpenAPI text and the error
+message (``canary.weight must be an integer 0-100, found 101``), so the schema a client reads and
+the refusal it gets say the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.errors import RequestError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema for an OpenAPI document: nested models inlined (a ``$ref`` into the
+    schema's own ``$defs`` would point into the document's root), no ``"default": null``."""
+    doc = model.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items() if not (k == "default" and v is None)}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(doc)
+
+
+def validate(model: type[M], doc: Any, *, where: str = "", quote: bool = False, reason: str = "body",
+             error: type[RequestError] = RequestError) -> M:
+    """``doc`` as ``model``. Raises ``error`` with one line per refusal (``where: ``-prefixed), field
+    paths dotted (``canary.weight``) or, with ``quote``, as JSON names (``"min_match"``)."""
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise error(explain(exc, model, where=where, quote=quote), reason=reason) from None
+
+
+def explain(exc: ValidationError, model: type[BaseModel], *, where: str = "", quote: bool = False) -> str:
+    """The refusals of ``exc`` in the project's words: unknown keys grouped per object, else what
+    the field must be (its description) and what was found."""
+    unknown: dict[tuple[Any, ...], list[Any]] = {}
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if err["type"] in ("extra_forbidden", "invalid_key"):  # invalid_key: a YAML key that is not a string
+            unknown.setdefault(loc[:-1], []).append(loc[-1])
+            continue
+        name = _path(loc, quote)
+        what = _description(model, loc) or err["msg"].lower()
+        found = "" if err["type"] in ("missing", "model_type", "dict_type") else f", found {_brief(err['input'])}"
+        lines.append(f"{name} must be {what}{found}")
+    for parent, keys in unknown.items():
+        listed = sorted(keys, key=str)
+        lines.insert(0, f"{_path(parent, quote)} has unknown keys {listed}" if parent else f"unknown keys {listed}")
+    prefix = f"{where}: " if where else ""
+    return prefix + ("; ".join(dict.fromkeys(lines)) or "invalid")
+
+
+def _path(loc: tuple[Any, ...], quote: bool) -> str:
+    parts = [str(p) for p in loc if not isinstance(p, int)] or ["body"]
+    return ".".join(f'"{p}"' if quote else p for p in parts)
+
+
+def _description(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The description of the field at ``loc`` (list indexes skipped), None if there is none."""
+    current: Any = model
+    description = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return description
+        field = fields[part]
+        description = field.description
+        current = next((a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)
+                        and issubclass(a, BaseModel)), None)
+    return description
+
+
+def _brief(value: Any) -> str:
+    text = repr(value) if isinstance(value, (str, bool, int, float)) or value is None else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
