@@ -14,7 +14,9 @@ from PIL import Image
 
 from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
 from service.http.errors import status_of
+from service.protocols import v2_models
 from service.protocols.v2 import (
+    EXTENSIONS,
     InferRequest,
     RequestedOutput,
     encode_infer_response,
@@ -334,8 +336,8 @@ REFUSALS = {
         RequestError, "not_json", "NaN is not a JSON number",
     ),
     "not-object": (raw([ONE_IMAGE]), RequestError, "not_json", "must be a JSON object, found array"),
-    "no-inputs": (raw({"id": "x"}), RequestError, "no_inputs", "'inputs' must be a non-empty array, found null"),
-    "empty-inputs": (raw({"inputs": []}), RequestError, "no_inputs", "'inputs' must be a non-empty array, found []"),
+    "no-inputs": (raw({"id": "x"}), RequestError, "no_inputs", "inputs must be a non-empty array of input tensors"),
+    "empty-inputs": (raw({"inputs": []}), RequestError, "no_inputs", "inputs must be a non-empty array of input tensors, found []"),
     "two-inputs": (raw({"inputs": [ONE_IMAGE, ONE_IMAGE]}), RequestError, "too_many_inputs", "exactly 1 input"),
     "unknown-input": (
         raw({"inputs": [dict(ONE_IMAGE, name="INPUT__0")]}),
@@ -371,10 +373,10 @@ REFUSALS = {
     "pixels-3d": (raw(pixels([3, 2, 2], [0] * 12)), RequestError, "shape", "PIXELS shape must be [B, 3, H, W]"),
     "pixels-4-channels": (raw(pixels([1, 4, 1, 1], [0] * 4)), RequestError, "shape", "found [1, 4, 1, 1]"),
     "pixels-zero-height": (raw(pixels([1, 3, 0, 1], [])), RequestError, "shape", "H, W >= 1"),
-    "negative-dim": (raw(image([-1], [B64])), RequestError, "shape", "non-negative integers, found [-1]"),
-    "float-dim": (raw(image([1.0], [B64])), RequestError, "shape", "non-negative integers, found [1.0]"),
-    "string-dim": (raw(image(["1"], [B64])), RequestError, "shape", "non-negative integers, found ['1']"),
-    "bool-dim": (raw(image([True], [B64])), RequestError, "shape", "non-negative integers, found [True]"),
+    "negative-dim": (raw(image([-1], [B64])), RequestError, "shape", "inputs.shape must be an array of non-negative integers, found -1"),
+    "float-dim": (raw(image([1.0], [B64])), RequestError, "shape", "inputs.shape must be an array of non-negative integers, found 1.0"),
+    "string-dim": (raw(image(["1"], [B64])), RequestError, "shape", "inputs.shape must be an array of non-negative integers, found '1'"),
+    "bool-dim": (raw(image([True], [B64])), RequestError, "shape", "inputs.shape must be an array of non-negative integers, found True"),
     "shape-not-array": (raw(image(2, [B64, B64])), RequestError, "shape", "non-negative integers, found 2"),
     "empty-batch": (raw(image([0], [])), RequestError, "shape", "batch size of input IMAGE must be at least 1"),
     "batch-over-limit": (
@@ -467,13 +469,13 @@ REFUSALS = {
     ),
     "classification-negative": (
         raw(dict(image([1], [B64]), outputs=[{"name": "PROBABILITIES", "parameters": {"classification": -1}}])),
-        RequestError, "outputs", "classification must be a non-negative integer, found -1",
+        RequestError, "outputs", "outputs.parameters.classification must be a non-negative integer: top-k as score:index:label, found -1",
     ),
     "binary-data-not-bool": (
         raw(dict(image([1], [B64]), outputs=[{"name": "PROBABILITIES", "parameters": {"binary_data": "yes"}}])),
-        RequestError, "parameters", 'binary_data in output PROBABILITIES must be true or false, found "yes"',
+        RequestError, "outputs", "outputs.parameters.binary_data must be true or false: send this output as binary data, found 'yes'",
     ),
-    "id-not-string": (raw(dict(image([1], [B64]), id=7)), RequestError, "id", "'id' must be a string, found number"),
+    "id-not-string": (raw(dict(image([1], [B64]), id=7)), RequestError, "id", "id must be a string, found 7"),
     "gzip-body": (
         (raw(image([1], [B64]))[0], {"Content-Encoding": "gzip"}),
         UnsupportedMediaType, "content_encoding", "Content-Encoding 'gzip' is not supported",
@@ -495,3 +497,22 @@ def test_refusal(request_: tuple[bytes, dict[str, str]], error: type[RequestErro
 def test_image_count_counts_against_max_elements():
     with pytest.raises(PayloadTooLarge, match="has 4 elements, over the limit of 3"):
         parse(*raw(image([4], [B64] * 4)), max_elements=3)
+
+
+@pytest.mark.parametrize("output", [
+    RequestedOutput("PROBABILITIES", binary=False), RequestedOutput("PROBABILITIES", binary=True),
+    RequestedOutput("PROBABILITIES", binary=False, classification=2),
+    RequestedOutput("PROBABILITIES", binary=True, classification=2),
+], ids=["json", "binary", "classification-json", "classification-binary"])
+def test_every_answer_header_is_what_the_response_model_describes(output: RequestedOutput):
+    body, headers = encode(request(output))
+    length = int(headers.get(HLEN, len(body)))
+    answer = v2_models.InferenceResponse.model_validate_json(body[:length])
+    assert (answer.model_name, answer.model_version, answer.id) == ("shapes", "v3", "req-7")
+    assert answer.outputs[0].name == "PROBABILITIES" and answer.outputs[0].shape[0] == 2
+
+
+def test_metadata_answers_are_their_models():
+    assert v2_models.ServerMetadata.model_validate(server_metadata(version="1.2")).extensions == list(EXTENSIONS)
+    meta = v2_models.ModelMetadata.model_validate(model_metadata(name="m", versions=["a"], num_classes=4, input_size=224))
+    assert [t.shape for t in meta.inputs] == [[-1], [-1, 3, 224, 224]] and meta.outputs[0].shape == [-1, 4]

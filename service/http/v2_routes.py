@@ -16,7 +16,9 @@ from service.http.errors import guarded
 from service.http.routes import TIMEOUT_PARAMETER, instrumented, model_headers
 from service.inference.dataplane import DataPlane, InferenceRequest
 from service.observability.metrics import Metrics
+from service.protocols import v2_models
 from service.protocols.v2 import encode_infer_response, model_metadata, parse_infer_request, server_metadata
+from service.protocols.wire import schema
 
 MAX_BATCH = 64                         # images in one V2 request
 MAX_ELEMENTS = MAX_BATCH * 3 * 512 * 512  # PIXELS numbers in one V2 request
@@ -43,7 +45,8 @@ class V2Routes:
         app.add_api_route("/v2/health/ready", self.ready, summary="V2 readiness", **get)
         for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{model_version}"):
             params = {"parameters": [_path_param("name")] + ([_path_param("model_version")] if "versions" in base else [])}
-            app.add_api_route(base, guarded(self.metadata), summary="V2 model metadata", openapi_extra=params, **get)
+            app.add_api_route(base, guarded(self.metadata), summary="V2 model metadata",
+                              openapi_extra={**params, **METADATA_OPENAPI}, **get)
             app.add_api_route(f"{base}/ready", guarded(self.model_ready), summary="V2 model readiness",
                               openapi_extra=params, **get)
             app.add_api_route(f"{base}/infer", instrumented(self.infer, "v2_infer", self.metrics), methods=["POST"],
@@ -108,11 +111,13 @@ def _path_param(name: str) -> dict[str, object]:
 
 INFER_OPENAPI = {
     "requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"},
-            "inputs": {"type": "array", "items": {"type": "object"}},
-            "outputs": {"type": "array", "items": {"type": "object"}},
-            "parameters": {"type": "object"}}}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": schema(v2_models.InferenceRequest)},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                     "description": "the JSON header, then binary tensor data (Inference-Header-Content-Length)"},
     }},
+    "responses": {"200": {"description": "The outputs", "content": {
+        "application/json": {"schema": schema(v2_models.InferenceResponse)},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 }
+METADATA_OPENAPI = {"responses": {"200": {"description": "Model metadata", "content": {
+    "application/json": {"schema": schema(v2_models.ModelMetadata)}}}}}

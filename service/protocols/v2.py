@@ -16,23 +16,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pydantic import ValidationError
+
 from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+from service.protocols import v2_models
 from service.protocols.v2_tensors import (
     HEADER_LENGTH,
-    base64_elements,
-    binary_section,
     brief,
     classifications,
-    flat_data,
     json_kind,
-    json_numbers,
     lower_keys,
     pack_bytes,
-    require_finite,
+    read_input,
     split_body,
-    unpack_bytes,
-    unpack_fp32,
 )
+from service.protocols.wire import explain
 
 INPUTS = {"IMAGE": "BYTES", "PIXELS": "FP32"}
 OUTPUT = "PROBABILITIES"
@@ -66,9 +64,11 @@ class InferRequest:
 def parse_infer_request(body: bytes, headers: Mapping[str, str], *, max_elements: int, max_batch: int) -> InferRequest:
     """A V2 inference request (JSON, or JSON + binary tensor data) -> InferRequest.
 
-    Raises RequestError (400) for a malformed request; PayloadTooLarge (413) when the batch passes
-    ``max_batch`` or the input passes ``max_elements`` elements (checked from the shape, before any
-    data is decoded); UnsupportedMediaType (415) for a compressed body.
+    The JSON header is checked once against ``v2_models.InferenceRequest``; then the one input's
+    name, datatype and shape, the limits (from the shape, before any data is decoded) and the
+    requested output; then ``v2_tensors.read_input`` decodes the data. Raises RequestError (400)
+    for a malformed request; PayloadTooLarge (413) when the batch passes ``max_batch`` or the input
+    passes ``max_elements`` elements; UnsupportedMediaType (415) for a compressed body.
     """
     lowered = lower_keys(headers)
     encoding = lowered.get("content-encoding", "identity").strip().lower()
@@ -77,18 +77,20 @@ def parse_infer_request(body: bytes, headers: Mapping[str, str], *, max_elements
             f"Content-Encoding {encoding!r} is not supported: send the body uncompressed", reason="content_encoding"
         )
     header, tail = split_body(body, lowered)
-    doc = _load_object(header)
-    tensor = _single_input(doc)
-    name, shape = _input_signature(tensor)
-    _check_limits(name, shape, max_batch=max_batch, max_elements=max_elements)
-    request_id, outputs, timeout_us = _request_id(doc), _requested_outputs(doc), _timeout_us(doc)
-    section = _input_section(name, tensor, tail)
-    if name == "IMAGE":
-        return InferRequest(request_id, _images(tensor, shape[0], section), None, outputs, timeout_us)
-    return InferRequest(request_id, None, _pixels(tensor, shape, section), outputs, timeout_us)
+    doc = _header(header)
+    if len(doc.inputs) != 1:
+        raise RequestError(f"expected exactly 1 input (IMAGE or PIXELS), found {len(doc.inputs)}", reason="too_many_inputs")
+    tensor = doc.inputs[0]
+    _check_signature(tensor)
+    _check_limits(tensor.name, tensor.shape, max_batch=max_batch, max_elements=max_elements)
+    outputs = _requested_outputs(doc)
+    data = read_input(tensor.name, tensor.shape, tensor.parameters.model_dump(), tensor.data,
+                      has_data="data" in tensor.model_fields_set, tail=tail)
+    images, pixels = (data, None) if isinstance(data, list) else (None, data)
+    return InferRequest(doc.id, images, pixels, outputs, doc.parameters.timeout or None)
 
 
-def _load_object(header: bytes) -> dict:
+def _header(header: bytes) -> v2_models.InferenceRequest:
     def reject(constant: str) -> float:
         raise ValueError(f"{constant} is not a JSON number")
 
@@ -98,39 +100,35 @@ def _load_object(header: bytes) -> dict:
         raise RequestError(f"request body is not valid JSON: {exc}", reason="not_json") from None
     if not isinstance(doc, dict):
         raise RequestError(f"request body must be a JSON object, found {json_kind(doc)}", reason="not_json")
-    return doc
+    try:
+        return v2_models.InferenceRequest.model_validate(doc)
+    except ValidationError as exc:
+        reason = _reason(exc.errors()[0]["loc"])
+        raise RequestError(explain(exc, v2_models.InferenceRequest), reason=reason) from None
 
 
-def _single_input(doc: dict) -> dict:
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise RequestError(f"'inputs' must be a non-empty array, found {brief(inputs)}", reason="no_inputs")
-    if len(inputs) != 1:
-        raise RequestError(f"expected exactly 1 input (IMAGE or PIXELS), found {len(inputs)}", reason="too_many_inputs")
-    if not isinstance(inputs[0], dict):
-        raise RequestError(f"an input must be a JSON object, found {json_kind(inputs[0])}", reason="input")
-    return inputs[0]
+def _reason(loc: tuple) -> str:
+    """The metrics label of a header refusal at ``loc``."""
+    if loc[:1] != ("inputs",):
+        return {"outputs": "outputs", "parameters": "parameters", "id": "id"}.get(loc[0] if loc else "", "invalid")
+    if len(loc) < 3:
+        return "no_inputs" if len(loc) == 1 else "input"
+    return {"name": "unknown_input", "datatype": "datatype", "shape": "shape"}.get(loc[2], "input")
 
 
-def _input_signature(tensor: dict) -> tuple[str, list[int]]:
-    name = tensor.get("name")
-    if not isinstance(name, str) or name not in INPUTS:
+def _check_signature(tensor: v2_models.RequestInput) -> None:
+    name, shape = tensor.name, tensor.shape
+    if name not in INPUTS:
         raise RequestError(f"unknown input {brief(name)}: expected IMAGE or PIXELS", reason="unknown_input")
-    if tensor.get("datatype") != INPUTS[name]:
-        found = brief(tensor.get("datatype"))
-        raise RequestError(f"input {name} must have datatype {INPUTS[name]}, found {found}", reason="datatype")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise RequestError(
-            f"shape of input {name} must be an array of non-negative integers, found {brief(shape)}", reason="shape"
-        )
+    if tensor.datatype != INPUTS[name]:
+        raise RequestError(f"input {name} must have datatype {INPUTS[name]}, found {brief(tensor.datatype)}",
+                           reason="datatype")
     if name == "IMAGE" and not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise RequestError(f"IMAGE shape must be [B] or [B, 1], found {shape}", reason="shape")
     if name == "PIXELS" and (len(shape) != 4 or shape[1] != 3 or 0 in shape[2:]):
         raise RequestError(f"PIXELS shape must be [B, 3, H, W] with H, W >= 1, found {shape}", reason="shape")
     if shape[0] < 1:
         raise RequestError(f"batch size of input {name} must be at least 1, found shape {shape}", reason="shape")
-    return name, shape
 
 
 def _check_limits(name: str, shape: list[int], *, max_batch: int, max_elements: int) -> None:
@@ -144,102 +142,22 @@ def _check_limits(name: str, shape: list[int], *, max_batch: int, max_elements: 
         )
 
 
-def _input_section(name: str, tensor: dict, tail: memoryview) -> memoryview | None:
-    """The input's binary data, or None when it comes as JSON ``data``."""
-    params = tensor.get("parameters", {})
-    if not isinstance(params, dict):
-        raise RequestError(f"parameters of input {name} must be an object, found {json_kind(params)}", reason="input")
-    if "shared_memory_region" in params:
-        raise RequestError("the shared memory extension is not supported: send the data in the body", reason="shm")
-    if "binary_data_size" in params:
-        if "data" in tensor:
-            raise RequestError(
-                f"input {name} has both 'data' and parameters.binary_data_size: send one", reason="data_and_binary"
-            )
-        return binary_section(tail, params["binary_data_size"], name)
-    if "data" not in tensor:
-        raise RequestError(f"input {name} has neither 'data' nor parameters.binary_data_size", reason="no_data")
-    if len(tail):
-        raise RequestError(
-            f"binary sections add up to 0 bytes but {len(tail)} bytes follow the JSON header", reason="binary_trailing"
-        )
-    return None
-
-
-def _images(tensor: dict, batch: int, section: memoryview | None) -> list[bytes]:
-    if section is not None:
-        return unpack_bytes(section, "IMAGE", batch)
-    data = flat_data(tensor["data"], "IMAGE")
-    if len(data) != batch:
-        raise RequestError(f"shape of input IMAGE says {batch} elements, its data holds {len(data)}", reason="shape")
-    return base64_elements(data, "IMAGE")
-
-
-def _pixels(tensor: dict, shape: list[int], section: memoryview | None) -> np.ndarray:
-    count = math.prod(shape)
-    if section is not None:
-        flat = unpack_fp32(section, count, "PIXELS")
-    else:
-        data = flat_data(tensor["data"], "PIXELS")
-        if len(data) != count:
-            raise RequestError(
-                f"shape of input PIXELS needs {count} elements, its data holds {len(data)}", reason="shape"
-            )
-        flat = json_numbers(data, "PIXELS")
-    require_finite(flat, "PIXELS")
-    return flat.reshape(shape)
-
-
-def _requested_outputs(doc: dict) -> tuple[RequestedOutput, ...]:
-    params = doc.get("parameters", {})
-    if not isinstance(params, dict):
-        raise RequestError(f"request parameters must be an object, found {json_kind(params)}", reason="parameters")
-    default_binary = _flag(params, "binary_data_output", False, "request parameters")
-    outputs = doc.get("outputs")
-    if outputs is None or outputs == []:
+def _requested_outputs(doc: v2_models.InferenceRequest) -> tuple[RequestedOutput, ...]:
+    default_binary = doc.parameters.binary_data_output
+    if not doc.outputs:
         return (RequestedOutput(OUTPUT, default_binary, 0),)
-    if not isinstance(outputs, list):
-        raise RequestError(f"'outputs' must be an array, found {json_kind(outputs)}", reason="outputs")
-    if len(outputs) > 1:
-        raise RequestError(f"expected at most 1 output ({OUTPUT}), found {len(outputs)}", reason="outputs")
-    name = outputs[0].get("name") if isinstance(outputs[0], dict) else None
-    if name != OUTPUT:
-        raise RequestError(
-            f"unknown output {brief(name)}: this model has one output, {OUTPUT}", reason="unknown_output"
-        )
-    out_params = outputs[0].get("parameters", {})
-    if not isinstance(out_params, dict) or "shared_memory_region" in out_params:
+    if len(doc.outputs) > 1:
+        raise RequestError(f"expected at most 1 output ({OUTPUT}), found {len(doc.outputs)}", reason="outputs")
+    output = doc.outputs[0]
+    if output.name != OUTPUT:
+        raise RequestError(f"unknown output {brief(output.name)}: this model has one output, {OUTPUT}",
+                           reason="unknown_output")
+    params = output.parameters
+    if "shared_memory_region" in params.model_fields_set | set(params.model_extra or {}):
         raise RequestError(f"parameters of output {OUTPUT} must be an object, without shared memory", reason="outputs")
-    k = out_params.get("classification", 0)
-    if type(k) is not int or k < 0:
-        raise RequestError(f"classification must be a non-negative integer, found {brief(k)}", reason="outputs")
     # the output's own binary_data wins over the request-wide binary_data_output, as in Triton
-    return (RequestedOutput(OUTPUT, _flag(out_params, "binary_data", default_binary, f"output {OUTPUT}"), k),)
-
-
-def _timeout_us(doc: dict) -> int | None:
-    """parameters.timeout: microseconds to answer within (0 or absent: the server's --timeout-s)."""
-    value = doc.get("parameters", {}).get("timeout")
-    if value is None:
-        return None
-    if type(value) is not int or value < 0:
-        raise RequestError(f"parameters.timeout must be a non-negative integer (microseconds), found {brief(value)}",
-                           reason="parameters")
-    return value or None
-
-
-def _flag(params: dict, key: str, default: bool, where: str) -> bool:
-    value = params.get(key, default)
-    if type(value) is not bool:
-        raise RequestError(f"{key} in {where} must be true or false, found {brief(value)}", reason="parameters")
-    return value
-
-
-def _request_id(doc: dict) -> str | None:
-    value = doc.get("id")
-    if value is not None and not isinstance(value, str):
-        raise RequestError(f"request 'id' must be a string, found {json_kind(value)}", reason="id")
-    return value
+    binary = default_binary if params.binary_data is None else params.binary_data
+    return (RequestedOutput(OUTPUT, binary, params.classification),)
 
 
 def encode_infer_response(
@@ -270,6 +188,8 @@ def encode_infer_response(
         doc["id"] = request.id
     doc["parameters"] = dict(parameters)
     doc["outputs"] = [tensor for tensor, _ in tensors]
+    # v2_models.InferenceResponse describes this header; it is built as plain data (a batch's
+    # probabilities can be thousands of floats) and held to the model by the protocol tests.
     header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()  # ASCII: len is the byte count
     blobs = [blob for _, blob in tensors if blob is not None]
     if not blobs:
@@ -296,18 +216,15 @@ def _output_tensor(output: RequestedOutput, probs: np.ndarray, class_names: Sequ
 
 def server_metadata(*, version: str) -> dict:
     """GET /v2: the server's name, version and supported protocol extensions."""
-    return {"name": "headswap", "version": version, "extensions": list(EXTENSIONS)}
+    return v2_models.ServerMetadata(name="headswap", version=version, extensions=list(EXTENSIONS)).model_dump()
 
 
 def model_metadata(*, name: str, versions: Sequence[str], num_classes: int, input_size: int) -> dict:
     """GET /v2/models/{name}: the model's inputs (IMAGE or PIXELS, batch first) and output."""
-    return {
-        "name": name,
-        "versions": list(versions),
-        "platform": "pytorch_torchvision",
-        "inputs": [
-            {"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
-            {"name": "PIXELS", "datatype": "FP32", "shape": [-1, 3, input_size, input_size]},
-        ],
-        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]}],
-    }
+    tensor = v2_models.TensorMetadata
+    return v2_models.ModelMetadata(
+        name=name, versions=list(versions), platform="pytorch_torchvision",
+        inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[-1]),
+                tensor(name="PIXELS", datatype="FP32", shape=[-1, 3, input_size, input_size])],
+        outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, num_classes])],
+    ).model_dump()

@@ -4,16 +4,18 @@ A binary body is a JSON header of ``Inference-Header-Content-Length`` bytes foll
 binary tensor's bytes, in order, with nothing between them. Tensor bytes are little-endian and
 row-major; a BYTES element is a 4-byte little-endian unsigned length, then that many bytes.
 In JSON, ``data`` is a flat or nested array in row-major order. Pure functions over bytes and
-lists; ``v2_protocol`` owns the request and response documents around them.
+lists; ``v2`` owns the request and response documents around them.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,6 +127,52 @@ def unpack_fp32(section: memoryview, count: int, name: str) -> np.ndarray:
             reason="shape",
         )
     return np.frombuffer(section, dtype="<f4").astype(np.float32)
+
+
+def read_input(name: str, shape: list[int], parameters: dict[str, Any], data: Any, *, has_data: bool,
+               tail: memoryview) -> list[bytes] | np.ndarray:
+    """The one input's elements: IMAGE -> one encoded image per batch element; PIXELS -> float32 of
+    ``shape``, finite. From its binary section (``parameters["binary_data_size"]``, all of ``tail``) or
+    its JSON ``data``; exactly one of them. Raises RequestError."""
+    if "shared_memory_region" in parameters:
+        raise RequestError("the shared memory extension is not supported: send the data in the body", reason="shm")
+    section: memoryview | None = None
+    if parameters.get("binary_data_size") is not None:
+        if has_data:
+            raise RequestError(f"input {name} has both 'data' and parameters.binary_data_size: send one",
+                               reason="data_and_binary")
+        section = binary_section(tail, parameters["binary_data_size"], name)
+    elif not has_data:
+        raise RequestError(f"input {name} has neither 'data' nor parameters.binary_data_size", reason="no_data")
+    elif len(tail):
+        raise RequestError(f"binary sections add up to 0 bytes but {len(tail)} bytes follow the JSON header",
+                           reason="binary_trailing")
+    if name == "IMAGE":
+        return _images(data, shape[0], section)
+    return _pixels(data, shape, section)
+
+
+def _images(data: Any, batch: int, section: memoryview | None) -> list[bytes]:
+    if section is not None:
+        return unpack_bytes(section, "IMAGE", batch)
+    flat = flat_data(data, "IMAGE")
+    if len(flat) != batch:
+        raise RequestError(f"shape of input IMAGE says {batch} elements, its data holds {len(flat)}", reason="shape")
+    return base64_elements(flat, "IMAGE")
+
+
+def _pixels(data: Any, shape: list[int], section: memoryview | None) -> np.ndarray:
+    count = math.prod(shape)
+    if section is not None:
+        flat = unpack_fp32(section, count, "PIXELS")
+    else:
+        values = flat_data(data, "PIXELS")
+        if len(values) != count:
+            raise RequestError(f"shape of input PIXELS needs {count} elements, its data holds {len(values)}",
+                               reason="shape")
+        flat = json_numbers(values, "PIXELS")
+    require_finite(flat, "PIXELS")
+    return flat.reshape(shape)
 
 
 def flat_data(data: object, name: str) -> list:

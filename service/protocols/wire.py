@@ -78,19 +78,24 @@ def _path(loc: tuple[Any, ...], quote: bool) -> str:
 
 def _description(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
     """The description of the field at ``loc`` (list indexes skipped), None if there is none."""
-    current: Any = model
+    current: type[BaseModel] | None = model
     description = None
     for part in loc:
         if isinstance(part, int):
             continue
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
+        fields = current.model_fields if current is not None else {}
+        if part not in fields:
             return description
-        field = fields[part]
-        description = field.description
-        current = next((a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)
-                        and issubclass(a, BaseModel)), None)
+        description = fields[part].description
+        current = _nested_model(fields[part].annotation)
     return description
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model inside an annotation (``M``, ``M | None``, ``list[M]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in get_args(annotation) if (m := _nested_model(arg)) is not None), None)
 
 
 def _brief(value: Any) -> str:
