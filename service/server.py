@@ -81,8 +81,6 @@ def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code. Raises ValueError for bad settings."""
     if not settings.checkpoint and not settings.rollout_file:
         raise ValueError("nothing to serve: pass --checkpoint (or --rollout-file), or set HEADSWAP_CHECKPOINT")
-    if not 1024 <= settings.port <= 65535:
-        raise ValueError(f"port must be within 1024-65535, found {settings.port}")
     runtime, owned = (Path(settings.state_dir), False) if settings.state_dir else (Path(tempfile.mkdtemp(prefix="headswap-state-")), True)
     try:
         return _serve(settings, runtime)

@@ -136,8 +136,10 @@ class Settings(BaseSettings):
             problems.append(f"guard_window must be >= 1, found {self.guard_window}")
         if not (0 <= self.guard_max_error_rate <= 1 and 0 <= self.guard_min_agreement <= 1):
             problems.append("guard_max_error_rate and guard_min_agreement must be within [0, 1]")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port must be within 0-65535, found {self.port}")
+        for name, lowest in (("port", 1), ("admin_port", 0), ("metrics_port", 0)):  # 0: that listener is off
+            value = getattr(self, name)
+            if not lowest <= value <= 65535:
+                problems.append(f"{name} must be within {lowest}-65535{' (0: off)' if lowest == 0 else ''}, found {value}")
         ports = [p for p in (self.port, self.admin_port, self.metrics_port) if p]
         if len(ports) != len(set(ports)):
             problems.append(f"port, admin_port and metrics_port must differ, found {self.port}, {self.admin_port}, "

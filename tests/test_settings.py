@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from pydantic import ValidationError
 
 from service.settings import Settings, add_arguments, cli_fields, from_sources
@@ -169,8 +168,10 @@ def test_cli_fields_are_every_field_but_the_token() -> None:
     ({"max_batch_size": 0}, "max_batch_size must be >= 1, found 0"),
     ({"batch_timeout_ms": -1.0}, "batch_timeout_ms must be >= 0 and timeout_s > 0"),
     ({"timeout_s": 0.0}, "batch_timeout_ms must be >= 0 and timeout_s > 0"),
-    ({"port": 65536}, "port must be within 0-65535, found 65536"),
-    ({"port": -1}, "port must be within 0-65535, found -1"),
+    ({"port": 65536}, "port must be within 1-65535, found 65536"),
+    ({"port": -1}, "port must be within 1-65535, found -1"),
+    ({"port": 0}, "port must be within 1-65535, found 0"),
+    ({"admin_port": 65536}, "admin_port must be within 0-65535 (0: off), found 65536"),
     ({"device": "tpu"}, "device must be one of auto, cpu, cuda, found 'tpu'"),
     ({"precision": "int8"}, "precision must be one of auto, fp32, bf16, fp16, found 'int8'"),
     ({"log_level": "INFO"}, "log_level must be one of debug, info, warning, error, found 'INFO'"),
@@ -185,7 +186,7 @@ def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ValueError) as info:
         Settings(workers_per_device=-1, max_batch_size=-3, port=70000, device="gpu")
     assert str(info.value) == ("workers_per_device must be >= 0 (0: automatic), found -1; max_batch_size must be >= 1, found -3; "
-                               "port must be within 0-65535, found 70000; "
+                               "port must be within 1-65535, found 70000; "
                                "device must be one of auto, cpu, cuda, found 'gpu'")
 
 
@@ -198,8 +199,9 @@ def test_bad_choice_from_the_environment_is_refused() -> None:
 
 
 def test_boundary_values_are_accepted() -> None:
-    settings = Settings(port=0, batch_timeout_ms=0.0, workers_per_device=1, max_batch_size=1)
-    assert settings.port == 0
+    settings = Settings(port=1, admin_port=0, metrics_port=65535, batch_timeout_ms=0.0, workers_per_device=1,
+                        max_batch_size=1)
+    assert (settings.port, settings.admin_port, settings.metrics_port) == (1, 0, 65535)
     assert Settings(port=65535).port == 65535
 
 

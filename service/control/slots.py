@@ -20,11 +20,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from models import CheckpointMeta
+from service.protocols.admin import Slot
 
-SLOT_NAMES = ("stable", "canary")
+SLOT_NAMES: tuple[str, ...] = get_args(Slot)  # ("stable", "canary")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 from typing import Any
 
 from fastapi import FastAPI, Security
@@ -21,7 +20,7 @@ from starlette.requests import Request
 from service.control.controller import Controller, LoadRequest
 from service.control.slots import SharedState
 from service.protocols.admin import CanaryBody, LoadBody
-from service.protocols.wire import schema, validate
+from service.protocols.wire import load_object, schema, validate
 from service.errors import RequestError, Unauthorized, by_name
 from service.http.errors import guarded, status_for
 
@@ -100,13 +99,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > 64 * 1024:
         raise RequestError("admin request body over 64 KiB", reason="body")
-    try:
-        body = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RequestError("admin request body must be a JSON object", reason="body") from None
-    if not isinstance(body, dict):
-        raise RequestError("admin request body must be a JSON object", reason="body")
-    return body
+    return load_object(raw or b"{}", what="admin request body", reason="body")
 
 
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer")

@@ -14,8 +14,7 @@ from pydantic import BeforeValidator, Field
 
 from service.protocols.wire import Wire
 
-SLOTS = ("stable", "canary")
-MODES = ("replace", "merge")
+Slot = Literal["stable", "canary"]  # the one list of slot names (control.slots.SLOT_NAMES reads it)
 
 Checkpoint = Annotated[str, Field(min_length=1, description="a checkpoint name in the store")]
 Mode = Annotated[Literal["replace", "merge"], Field(description="replace or merge")]
@@ -29,7 +28,7 @@ class LoadBody(Wire):
     """POST /admin/load."""
 
     checkpoint: Checkpoint
-    slot: Annotated[Literal["stable", "canary"], Field(description="stable or canary")] = "stable"
+    slot: Annotated[Slot, Field(description="stable or canary")] = "stable"
     mode: Mode = "replace"
     min_match: MinMatch = 0.0
     allow_new_classes: Annotated[bool, Field(description="true or false: may a replace change the class count")] = False

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field
 
 from service.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
-from service.protocols.wire import Wire, validate
+from service.protocols.wire import Wire, load_object, validate
 
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 MULTIPART = "multipart/form-data"
@@ -64,11 +62,8 @@ def from_raw(body: bytes, query_k: str | None) -> PredictRequest:
 
 
 def from_json(body: bytes, query_k: str | None, max_image_bytes: int) -> PredictRequest:
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"body is not valid JSON: {exc}", reason="json") from None
-    if not isinstance(doc, Mapping) or "image" not in doc:
+    doc = load_object(body, reason="json")
+    if "image" not in doc:
         raise RequestError('JSON body must be an object with an "image" field holding base64 image bytes', reason="json")
     parsed = validate(PredictJSON, doc, quote=True, reason="json")
     try:

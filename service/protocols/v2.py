@@ -24,13 +24,12 @@ from service.protocols.v2_tensors import (
     HEADER_LENGTH,
     brief,
     classifications,
-    json_kind,
     lower_keys,
     pack_bytes,
     read_input,
     split_body,
 )
-from service.protocols.wire import explain
+from service.protocols.wire import explain, load_object
 
 INPUTS = {"IMAGE": "BYTES", "PIXELS": "FP32"}
 OUTPUT = "PROBABILITIES"
@@ -91,15 +90,7 @@ def parse_infer_request(body: bytes, headers: Mapping[str, str], *, max_elements
 
 
 def _header(header: bytes) -> v2_models.InferenceRequest:
-    def reject(constant: str) -> float:
-        raise ValueError(f"{constant} is not a JSON number")
-
-    try:
-        doc = json.loads(header, parse_constant=reject)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise RequestError(f"request body is not valid JSON: {exc}", reason="not_json") from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"request body must be a JSON object, found {json_kind(doc)}", reason="not_json")
+    doc = load_object(header)
     try:
         return v2_models.InferenceRequest.model_validate(doc)
     except ValidationError as exc:

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from service.errors import RequestError
+from service.protocols.wire import json_kind
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _PREFIX = struct.Struct("<I")
 _INTEGER = re.compile(r"\s*-?[0-9]+\s*")  # int() alone would also take "1_000" and non-ASCII digits
 _NUMBERS = {int, float}  # exact types: bool is an int subclass and not a pixel value
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
 
 
 def lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
@@ -248,11 +248,6 @@ def classifications(probabilities: np.ndarray, k: int, class_names: Sequence[str
             label = f":{class_names[index]}" if len(class_names) else ""
             strings.append(f"{float(row[index]):f}:{index}{label}")
     return strings
-
-
-def json_kind(value: object) -> str:
-    """The JSON type name of a parsed value, for error messages."""
-    return _JSON_TYPES.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def brief(value: object) -> str:

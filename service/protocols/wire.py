@@ -22,6 +22,29 @@ class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+
+
+def load_object(raw: bytes, *, what: str = "request body", reason: str = "not_json") -> dict[str, Any]:
+    """``raw`` parsed as a JSON object (NaN and Infinity are not JSON numbers). Raises RequestError."""
+
+    def reject(constant: str) -> float:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        doc = json.loads(raw, parse_constant=reject)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RequestError(f"{what} is not valid JSON: {exc}", reason=reason) from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"{what} must be a JSON object, found {json_kind(doc)}", reason=reason)
+    return doc
+
+
+def json_kind(value: object) -> str:
+    """The JSON type name of a parsed value, for error messages."""
+    return _JSON_TYPES.get(type(value), "null" if value is None else type(value).__name__)
+
+
 def schema(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON schema for an OpenAPI document: nested models inlined (a ``$ref`` into the
     schema's own ``$defs`` would point into the document's root), no ``"default": null``."""
