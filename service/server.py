@@ -90,9 +90,7 @@ def serve(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, runtime: Path) -> int:
-    for port, what in ((settings.port, "server"), (settings.admin_port, "admin port"), (settings.metrics_port, "metrics port")):
-        if port:
-            check_bindable(settings.host, port, what)  # before anything slow: a taken port fails at once
+    _check_ports(settings)  # before anything slow: a taken port fails at once
     pin_mmap_threshold()  # before the API servers fork; spawned workers start afresh (service.control.memory)
     shared = SharedState(runtime)
     store = CheckpointStore(settings.store)
@@ -119,14 +117,9 @@ def _serve(settings: Settings, runtime: Path) -> int:
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     plane = DataPlane(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
                       metrics=metrics, guard=guard, controller=controller)
-    Routes(plane, metrics, settings.max_image_bytes).install(server.app)
-    V2Routes(plane, metrics, settings.max_image_bytes).install(server.app)
     collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
-    metrics_route = _metrics_route(collector)
-    server.app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics",
-                             response_class=PlainTextResponse)
-    server.app.add_exception_handler(StarletteHTTPException, framework_error)
+    metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
     sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
@@ -141,6 +134,25 @@ def _serve(settings: Settings, runtime: Path) -> int:
             sidecar.stop()
     log.info("headswap stopped")
     return 0
+
+
+def _check_ports(settings: Settings) -> None:
+    """Raises OSError, naming the listener, for a port that cannot be bound."""
+    for port, what in ((settings.port, "server"), (settings.admin_port, "admin port"), (settings.metrics_port, "metrics port")):
+        if port:
+            check_bindable(settings.host, port, what)
+
+
+def _install_routes(app: FastAPI, settings: Settings, plane: DataPlane, metrics: Metrics,
+                    collector: StateCollector):  # noqa: ANN202 - the /metrics route, for a side port too
+    """/predict, /health, /ready, V2, /metrics and our error shape for Starlette's own 404/405."""
+    Routes(plane, metrics, settings.max_image_bytes).install(app)
+    V2Routes(plane, metrics, settings.max_image_bytes).install(app)
+    metrics_route = _metrics_route(collector)
+    app.add_api_route("/metrics", metrics_route, methods=["GET"], summary="Prometheus metrics",
+                      response_class=PlainTextResponse)
+    app.add_exception_handler(StarletteHTTPException, framework_error)
+    return metrics_route
 
 
 def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers: int, solo_threads: int,
