@@ -17,11 +17,20 @@ from typing import Any
 import pytest
 import torch
 
-from service.errors import GatewayTimeout
+from service.errors import (
+    GatewayTimeout,
+    InternalError,
+    Overloaded,
+    PayloadTooLarge,
+    RequestError,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from service.http.errors import status_of
 from service.inference import dispatch
 from service.inference.admission import Admission, QueueLedger
 from service.inference.decode import DecodeLimits
-from service.inference.worker import InferenceLoop
+from service.inference.worker import InferenceLoop, failure
 
 
 class ScriptedQueue:
@@ -181,3 +190,24 @@ def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_tra
 
     asyncio.run(scenario())
     assert server.puts[0]["deadline"] == shorter
+
+
+@pytest.mark.parametrize(("kind", "status"), [
+    (PayloadTooLarge, 413), (UnsupportedMediaType, 415), (Unprocessable, 422), (RequestError, 400),
+    (GatewayTimeout, 504), (InternalError, 500), (Overloaded, 503)])
+def test_an_error_raised_in_a_worker_reaches_the_client_as_itself(kind: type[RequestError], status: int) -> None:
+    """The worker sends an item's error by its type's name; the API server raises that type again,
+    so its status comes from the one table, not from a second, lossy one."""
+    error = kind("too big", retry_after=1) if kind is Overloaded else kind("too big", reason="why")
+    admission = Admission(QueueLedger(1), None, floor=1)
+    with pytest.raises(kind) as info:
+        dispatch._result(failure(error), time.monotonic(), admission)
+    assert type(info.value) is kind and str(info.value) == "too big" and status_of(info.value) == status
+    assert info.value.reason == error.reason
+
+
+def test_an_unknown_error_name_from_a_worker_is_a_plain_client_error() -> None:
+    with pytest.raises(RequestError) as info:
+        dispatch._result({"error": "odd", "type": "NoSuchError", "reason": "x"}, time.monotonic(),
+                         Admission(QueueLedger(1), None, floor=1))
+    assert type(info.value) is RequestError and status_of(info.value) == 400
