@@ -27,7 +27,8 @@ _EXPORTS: dict[str, str] = {
         "CheckpointError", "IncompatibleCheckpointError", "UnknownArchitectureError", "UnsafeCheckpointError",
         "WeightsUnavailableError",
     ), "models.errors"),
-    **dict.fromkeys(("MergeReport", "ShapeMismatch", "merge_state"), "models.merge"),
+    **dict.fromkeys(("MergeReport", "ShapeMismatch"), "models.merge_report"),
+    "merge_state": "models.merge",
     **dict.fromkeys(("apply_policy", "set_train_mode"), "models.policy"),
     **dict.fromkeys(("eval_transform", "train_transform"), "models.transforms"),
 }
@@ -68,7 +69,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         UnsafeCheckpointError,
         WeightsUnavailableError,
     )
-    from models.merge import MergeReport, ShapeMismatch, merge_state
+    from models.merge import merge_state
+    from models.merge_report import MergeReport, ShapeMismatch
     from models.meta import CheckpointMeta
     from models.policy import apply_policy, set_train_mode
     from models.transforms import eval_transform, train_transform

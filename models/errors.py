@@ -7,10 +7,8 @@ callers (the CLI, the service) can report it without parsing the message.
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from models.merge import MergeReport
+from models.merge_report import MergeReport
 
 
 class UnknownArchitectureError(ValueError):

@@ -2,61 +2,23 @@
 
 The seed keeps ``{k: v for k, v in pretrained.items() if k in model_dict}``; this also checks
 shapes, strips wrapper prefixes (``module.`` from DataParallel/DDP, ``_orig_mod.`` from
-torch.compile) and says exactly what was taken and what was not.
+torch.compile) and says exactly what was taken and what was not (``models/merge_report.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import torch
 
 from models.errors import IncompatibleCheckpointError
+from models.merge_report import (  # noqa: F401 -- format_report: importable from here too
+    MergeReport,
+    ShapeMismatch,
+    format_report,
+)
 
 DEFAULT_STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ShapeMismatch:
-    key: str
-    target_shape: list[int]
-    source_shape: list[int]
-
-
-@dataclass(frozen=True)
-class MergeReport:
-    """What a merge took. Buffers (BatchNorm running stats) count as state like parameters.
-
-    ``target_fraction`` is the share of the target's tensor elements replaced;
-    ``source_fraction`` the share of the source's tensors used.
-    """
-
-    merged: list[str]
-    shape_mismatched: list[ShapeMismatch]
-    missing: list[str]
-    unexpected: list[str]
-    target_fraction: float
-    source_fraction: float
-    strip_prefixes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["strip_prefixes"]
-        return data
-
-    def summary(self) -> dict[str, Any]:
-        """Counts and fractions only: small enough for logs and checkpoint metadata."""
-        return {
-            "merged": len(self.merged),
-            "shape_mismatched": len(self.shape_mismatched),
-            "missing": len(self.missing),
-            "unexpected": len(self.unexpected),
-            "target_fraction": round(self.target_fraction, 6),
-            "source_fraction": round(self.source_fraction, 6),
-        }
 
 
 def strip_prefixes(state: State, prefixes: tuple[str, ...] = DEFAULT_STRIP_PREFIXES) -> State:
@@ -120,24 +82,3 @@ def merge_state(
             report,
         )
     return merged_state, report
-
-
-def format_report(report: MergeReport) -> str:
-    """A human table of the report, as ``headswap merge`` prints it."""
-    lines = [
-        f"merged            {len(report.merged):6d} tensors",
-        f"shape mismatched  {len(report.shape_mismatched):6d}",
-        f"missing in source {len(report.missing):6d}",
-        f"unexpected        {len(report.unexpected):6d}",
-        f"target replaced   {report.target_fraction:8.2%} of elements",
-        f"source used       {report.source_fraction:8.2%} of tensors",
-    ]
-    for m in report.shape_mismatched:
-        lines.append(f"  ~ {m.key}: target {m.target_shape} <- source {m.source_shape}")
-    lines += [f"  - missing {k}" for k in report.missing[:20]]
-    if len(report.missing) > 20:
-        lines.append(f"  - ... {len(report.missing) - 20} more missing")
-    lines += [f"  + unexpected {k}" for k in report.unexpected[:20]]
-    if len(report.unexpected) > 20:
-        lines.append(f"  + ... {len(report.unexpected) - 20} more unexpected")
-    return "\n".join(lines)
