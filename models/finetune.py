@@ -29,6 +29,7 @@ from torchvision.datasets import ImageFolder
 from models.archs import get_spec
 from models.build import build_classifier, recorded_arch_kwargs
 from models.checkpoint import SUFFIXES, CheckpointMeta, LoadedCheckpoint, load_checkpoint, save_checkpoint, utc_now
+from models.device import resolve_device
 from models.errors import IncompatibleCheckpointError
 from models.merge import MergeReport, format_report, merge_state, strip_prefixes
 from models.policy import apply_policy, set_train_mode
@@ -158,15 +159,6 @@ class FinetuneResult:
     @property
     def best_val_accuracy(self) -> float:
         return max((s.val_accuracy for s in self.history), default=0.0)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; raises ValueError for unavailable CUDA."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested, but torch finds no CUDA device")
-    return torch.device(name)
 
 
 def finetune(config: FinetuneConfig, *, progress: TextIO | None = None) -> FinetuneResult:
