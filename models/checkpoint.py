@@ -3,7 +3,7 @@
 Two encodings share one meaning:
 
 * ``.safetensors`` (preferred): tensors plus the metadata as JSON under the header's
-  ``__metadata__["headswap"]`` key.
+  ``__metadata__["headswap"]`` key, written and read (memory-mapped) by the safetensors library.
 * ``.pt``: ``torch.save({"state_dict": ..., "meta": {...}})``, read with ``weights_only=True``.
 
 A bare ``.pt`` state_dict (``torch.save(model.state_dict(), PATH)``) loads when the caller
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
 
-from models import safetensors_format
 from models.errors import CheckpointError, UnsafeCheckpointError
 from models.meta import (  # noqa: F401 -- FORMAT_VERSION, SUFFIXES, VERSION_DIGITS, utc_now: importable from here too
     FORMAT_VERSION,
@@ -38,6 +38,7 @@ from models.meta import (  # noqa: F401 -- FORMAT_VERSION, SUFFIXES, VERSION_DIG
     read_checkpoint_file,
     utc_now,
 )
+from models.safetensors_file import SAFETENSORS_DTYPES, is_safetensors, open_safetensors
 
 State = dict[str, torch.Tensor]
 
@@ -67,28 +68,59 @@ def save_checkpoint(path: str | os.PathLike[str], state: State, meta: Checkpoint
     """Write ``state`` and ``meta`` atomically (temp file in the same folder, then rename).
 
     The encoding follows the suffix: ``.safetensors``, else ``.pt``/``.pth``. Returns the
-    version. Raises ValueError for an unknown suffix.
+    version. Raises ValueError for an unknown suffix, or a dtype that ``.safetensors`` does not hold.
     """
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"{path}: checkpoint suffix must be one of {', '.join(SUFFIXES)}, found {path.suffix!r}")
     state = {k: v.detach().to("cpu") for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        state = _for_safetensors(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)  # both encodings write the file by its name
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
-        with os.fdopen(fd, "wb") as fh:
-            if path.suffix == ".safetensors":
-                safetensors_format.dump(state, {META_KEY: json.dumps(meta.to_dict())}, fh)
-            else:
-                torch.save({"state_dict": state, "meta": meta.to_dict()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if path.suffix == ".safetensors":  # (newer versions of the library: a file of their own, renamed over tmp)
+            save_file(state, tmp, metadata={META_KEY: json.dumps(meta.to_dict())})
+        else:
+            torch.save({"state_dict": state, "meta": meta.to_dict()}, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp and the library make 0600; a checkpoint is shared like any file
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return state_version(state)
+
+
+def _for_safetensors(state: State) -> State:
+    """``state`` as the safetensors writer takes it: known dtypes, contiguous, no shared bytes.
+
+    Raises ValueError for a dtype outside ``SAFETENSORS_DTYPES``. Tensors whose bytes overlap
+    another's (tied weights) get a copy each: the library refuses them, the old writer wrote
+    them twice, and so does this.
+    """
+    torch_names = set(SAFETENSORS_DTYPES.values())
+    out: State = {}
+    for name, tensor in state.items():
+        if str(tensor.dtype).removeprefix("torch.") not in torch_names:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors code")
+        out[name] = tensor.contiguous()
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, name) for name, t in out.items() if t.nbytes)
+    end = 0
+    for start, stop, name in spans:
+        if start < end:
+            out[name] = out[name].clone()
+        end = max(end, stop)
+    return out
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -102,26 +134,28 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Read a checkpoint; returns ``(state, meta, version)``. Never runs pickled code.
 
-    ``arch`` and ``num_classes`` are needed only for a bare state_dict ``.pt`` file.
+    ``arch`` and ``num_classes`` are needed only for a bare state_dict file. The tensors of a
+    ``.safetensors`` file are memory-mapped: they read the file for as long as they live, so
+    replace a checkpoint by writing beside it and renaming (as ``save_checkpoint`` does), never
+    by rewriting it in place.
     Raises CheckpointError (unreadable, corrupt, bare without arch), UnsafeCheckpointError
     (the file holds pickled objects, e.g. a whole model).
     """
     where = str(path)
-    data = read_checkpoint_file(path)
-    if safetensors_format.looks_like_safetensors(data):
-        state, meta = _read_safetensors(where, data, arch=arch, num_classes=num_classes)
+    if is_safetensors(path):
+        state, meta = _read_safetensors(where, path, arch=arch, num_classes=num_classes)
     else:
-        state, meta = _read_torch(where, data, arch=arch, num_classes=num_classes)
+        state, meta = _read_torch(where, read_checkpoint_file(path), arch=arch, num_classes=num_classes)
     return LoadedCheckpoint(state, meta, state_version(state))
 
 
 def _read_safetensors(
-    where: str, data: bytes, *, arch: str | None, num_classes: int | None
+    where: str, path: str | os.PathLike[str], *, arch: str | None, num_classes: int | None
 ) -> tuple[State, CheckpointMeta]:
-    try:
-        state, metadata = safetensors_format.loads(data)
-    except safetensors_format.SafetensorsFormatError as exc:
-        raise CheckpointError(where, f"corrupt safetensors file: {exc}") from None
+    """The tensors (in name order, memory-mapped from the file) and the metadata of a checked file."""
+    with open_safetensors(where, path, "pt") as f:
+        metadata = f.metadata() or {}
+        state = {name: f.get_tensor(name) for name in sorted(f.keys())}
     return state, meta_from_safetensors(where, metadata, arch=arch, num_classes=num_classes)
 
 

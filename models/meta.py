@@ -91,6 +91,9 @@ class CheckpointMeta:
         filled.setdefault("mean", list(spec.mean))
         filled.setdefault("std", list(spec.std))
         meta = cls(**filled)
+        for name, ok in _field_checks(meta).items():
+            if not ok:
+                raise CheckpointError(path, f"malformed metadata: {name} is {getattr(meta, name)!r}"[:300])
         if not isinstance(meta.num_classes, int) or meta.num_classes < 1:
             raise CheckpointError(path, f"num_classes must be a positive int, found {meta.num_classes!r}")
         if len(meta.class_names) != meta.num_classes:
@@ -100,12 +103,39 @@ class CheckpointMeta:
         return meta
 
 
-def read_checkpoint_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the checkpoint at ``path``; raises CheckpointError naming it when unreadable."""
+def _field_checks(meta: CheckpointMeta) -> dict[str, bool]:
+    """Whether each field that preprocessing, labels and rebuilding use has its type: a malformed
+    checkpoint is a CheckpointError when read, not a TypeError wherever a field is first used."""
+    def size(value: Any) -> bool:
+        return type(value) is int and value > 0
+
+    def numbers(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and bool(value) and all(type(x) in (int, float) for x in value)
+
+    return {
+        "class_names": isinstance(meta.class_names, (list, tuple)) and all(isinstance(c, str) for c in meta.class_names),
+        "input_size": size(meta.input_size), "resize_size": size(meta.resize_size),
+        "mean": numbers(meta.mean), "std": numbers(meta.std), "interpolation": isinstance(meta.interpolation, str),
+        "partial": isinstance(meta.partial, bool), "arch_kwargs": isinstance(meta.arch_kwargs, dict),
+        "training": isinstance(meta.training, dict),
+    }
+
+
+def read_checkpoint_file(path: str | os.PathLike[str], limit: int = -1) -> bytes:
+    """The bytes of the checkpoint at ``path`` (the first ``limit`` if given).
+
+    Raises CheckpointError naming it when unreadable.
+    """
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            return fh.read(limit)
     except OSError as exc:
-        raise CheckpointError(str(path), f"cannot read: {exc.strerror or exc}") from None
+        raise cannot_read(str(path), exc) from None
+
+
+def cannot_read(where: str, exc: OSError) -> CheckpointError:
+    """The CheckpointError for a file the system does not hand over (missing, a folder, no permission)."""
+    return CheckpointError(where, f"cannot read: {exc.strerror or exc}")
 
 
 def utc_now() -> str:

@@ -9,14 +9,15 @@ torchvision. A ``.pt`` file needs torch to unpickle its tensors (never torchvisi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
-from models import safetensors_format
 from models.errors import CheckpointError
-from models.meta import CheckpointMeta, content_version, meta_from_safetensors, read_checkpoint_file
+from models.meta import CheckpointMeta, cannot_read, content_version, meta_from_safetensors
+from models.safetensors_file import SAFETENSORS_DTYPES, is_safetensors, open_safetensors
 
 # State keys that are buffers, not parameters, in torchvision's classifiers: BatchNorm's
 # statistics and the relative-position tables of swin and maxvit. tests/test_archs.py holds
@@ -35,7 +36,7 @@ def is_parameter(key: str) -> bool:
 class CheckpointSummary:
     """A checkpoint's version, metadata and tensor counts.
 
-    ``dtypes`` counts tensors per dtype (torch's names), in the order the file holds them;
+    ``dtypes`` counts tensors per dtype (torch's names), in the order of the tensor names;
     ``num_parameters`` counts the elements of the tensors that are parameters.
     """
 
@@ -61,21 +62,37 @@ def summarize(
     UnsafeCheckpointError.
     """
     where = str(path)
-    data = read_checkpoint_file(path)
-    if not safetensors_format.looks_like_safetensors(data):
+    if not is_safetensors(path):
         return _summarize_torch(path, arch=arch, num_classes=num_classes)
-    try:
-        entries, metadata, body = safetensors_format.parse(data)
-    except safetensors_format.SafetensorsFormatError as exc:
-        raise CheckpointError(where, f"corrupt safetensors file: {exc}") from None
-    meta = meta_from_safetensors(where, metadata, arch=arch, num_classes=num_classes)
-    version = content_version(
-        (e.name, e.dtype, e.shape, body[e.start:e.end]) for e in sorted(entries, key=lambda e: e.name)
-    )
+    try:  # fh first, then the library's check: the check must be of the file fh reads
+        with open(path, "rb") as fh, open_safetensors(where, path, "numpy") as f:
+            if not os.path.samestat(os.fstat(fh.fileno()), os.stat(path)):
+                raise CheckpointError(where, "the file was replaced while being read; read it again")
+            meta = meta_from_safetensors(where, f.metadata() or {}, arch=arch, num_classes=num_classes)
+            # The library has no torch-free way to hand over a tensor's bytes (numpy has no bfloat16),
+            # nor their offsets: those come from the header it checked.
+            header_size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_size))
+            tensors = [(name, SAFETENSORS_DTYPES[header[name]["dtype"]], tuple(header[name]["shape"]))
+                       for name in sorted(f.keys())]
+            version = content_version(
+                (name, dtype, shape, _read_at(where, fh, 8 + header_size, *header[name]["data_offsets"]))
+                for name, dtype, shape in tensors
+            )
+    except OSError as exc:  # open() itself: open_safetensors turns the rest into CheckpointError
+        raise cannot_read(where, exc) from None
     return CheckpointSummary(
-        version, meta, _count(e.dtype for e in entries), len(entries),
-        sum(math.prod(e.shape) for e in entries if is_parameter(e.name)),
+        version, meta, _count(dtype for _, dtype, _ in tensors), len(tensors),
+        sum(math.prod(shape) for name, _, shape in tensors if is_parameter(name)),
     )
+
+
+def _read_at(where: str, fh: BinaryIO, data_start: int, begin: int, end: int) -> bytes:
+    fh.seek(data_start + begin)
+    data = fh.read(end - begin)
+    if len(data) != end - begin:
+        raise CheckpointError(where, "the file was truncated while being read; read it again")
+    return data
 
 
 def _summarize_torch(path: str | os.PathLike[str], *, arch: str | None, num_classes: int | None) -> CheckpointSummary:

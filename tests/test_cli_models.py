@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from models import ARCHS, CheckpointMeta, build_classifier, load_checkpoint, load_classifier, save_checkpoint, skeleton
@@ -87,10 +88,7 @@ def inspected(resnet18_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     save_checkpoint(tmp / "squeeze-bf16.safetensors", half, CheckpointMeta.for_arch("squeezenet1_1", classes))
     assert main(["slice", str(resnet18_ckpt), "--out", str(tmp / "head.safetensors"), "--head"]) == 0
     assert main(["convert", str(resnet18_ckpt), "--out", str(tmp / "r18.pt")]) == 0
-    from models.safetensors_format import dump
-
-    with open(tmp / "bare.safetensors", "wb") as fh:
-        dump(squeeze.state_dict(), {}, fh)
+    safetensors.torch.save_file(squeeze.state_dict(), tmp / "bare.safetensors")  # no metadata at all
     torch.save(squeeze.state_dict(), tmp / "bare.pth")
     bare = ["--arch", "squeezenet1_1", "--num-classes", "12"]
     return {"resnet18": (resnet18_ckpt, []), "swin": (tmp / "swin.safetensors", []),
