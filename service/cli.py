@@ -1,4 +1,8 @@
-"""The ``headswap`` command line: one parser, one place that turns errors into exit codes."""
+"""The ``headswap`` command line: one parser, one place that turns errors into exit codes.
+
+The verbs over checkpoints and training live next to what they drive (``models/commands/``);
+``serve`` is the service's own.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from service import model_commands, serve_commands, train_commands
+from models.commands import checkpoints, training
+from service import serve_commands
+
+# What a user can cause and fix (a bad file, option value or architecture name, a missing file or
+# folder, an unreachable download): one line, no traceback. Every other exception is a bug and
+# shows as one. The project's own errors subclass these (CheckpointError, UnknownArchitectureError,
+# IncompatibleCheckpointError and DatasetError are ValueErrors, WeightsUnavailableError a RuntimeError).
+USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,14 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_commands.add_parsers(sub)
+    checkpoints.add_parsers(sub)
     serve_commands.add_parsers(sub)
-    train_commands.add_parsers(sub)
+    training.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a CLI verb. Errors print one line to stderr (no traceback unless --debug)."""
+    """Run a CLI verb. User errors print one line to stderr (no traceback unless --debug)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     try:
@@ -34,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headswap: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, TypeError, KeyError) as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             traceback.print_exc()
         print(f"headswap: error: {exc}", file=sys.stderr)

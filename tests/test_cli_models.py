@@ -177,6 +177,26 @@ def test_convert_pickled_model_needs_trust_pickle(capsys: pytest.CaptureFixture[
     assert meta.num_classes == 5 and torch.equal(restored(x), model(x))
 
 
+def test_convert_trust_pickle_of_an_unknown_arch_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    torch.save(build_classifier("squeezenet1_1", 5), tmp_path / "whole.pt")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "whole.pt"), "--out", str(tmp_path / "s.safetensors"),
+                        "--arch", "squeezenet1_2", "--trust-pickle")
+    assert (code, err.count("\n")) == (1, 1)
+    assert err.startswith("headswap: error: unknown architecture 'squeezenet1_2'")
+
+
+@pytest.mark.parametrize("bug", [TypeError, KeyError, AttributeError])
+def test_bugs_are_not_reported_as_user_errors(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, resnet18_ckpt: Path, bug: type[Exception]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise bug("a bug")
+
+    monkeypatch.setattr("models.commands.checkpoints.summarize", broken)
+    with pytest.raises(bug, match="a bug"):
+        main(["inspect", str(resnet18_ckpt)])
+
+
 def test_console_script_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "headswap"
     proc = subprocess.run([str(exe), "inspect", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""CLI verbs that make checkpoints: demo-data, finetune.
+"""``headswap`` verbs that make checkpoints: demo-data, finetune.
 
 The parsers are built from torch-free modules (``models.recipe``, ``models.demo_data``), so
 ``--help`` answers at once; ``finetune`` imports torch and torchvision when it runs. Every

@@ -1,4 +1,4 @@
-"""CLI verbs over checkpoints: archs, inspect, merge, slice, convert.
+"""``headswap`` verbs over checkpoints: archs, inspect, merge, slice, convert.
 
 torch and torchvision are imported inside the verbs that build or load tensors: ``archs``
 reads the architecture table and ``inspect`` a safetensors header, so both (and every
@@ -13,7 +13,7 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from models.archs import ARCHS
+from models.archs import ARCHS, get_spec
 from models.errors import CheckpointError, UnsafeCheckpointError
 from models.meta import CheckpointMeta, utc_now
 from models.summary import summarize
@@ -157,7 +157,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _head_width(arch: str, state: dict[str, torch.Tensor], where: str) -> int:
-    key = f"{ARCHS[arch].head}.weight"
+    key = f"{get_spec(arch).head}.weight"
     if key not in state:
         raise CheckpointError(where, f"no {key} to read the class count from; pass --num-classes")
     return int(state[key].shape[0])
