@@ -6,8 +6,9 @@ it and nothing else). ``tests/test_archs.py`` checks that it covers
 ``torchvision.models.list_models`` exactly, that every head path exists, that the parameter
 counts are torchvision's and that every architecture trains at its smallest input size.
 
-Input sizes and normalisation are those of each architecture's default torchvision
-weights (vit_h_14: its 224-pixel weights, since a ViT built without weights is 224).
+Preprocessing (resize, crop, interpolation, mean, std) is that of the ``transforms()`` of
+each architecture's default torchvision weights, which ``tests/test_archs.py`` compares entry
+by entry; ``preprocessing_weights`` names other weights where an entry says why.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class ArchSpec:
     smallest input size fine-tuning uses: 32 pixels, or what the architecture needs (alexnet's
     pooling 63, inception_v3's auxiliary head 299); ``input_multiple`` what every input size
     must be a multiple of (a ViT's patch size); ``fixed_size`` marks a network built for its
-    ``input_size`` alone (maxvit_t's window partition).
+    ``input_size`` alone (maxvit_t's window partition). ``preprocessing_weights`` names the
+    torchvision weights whose ``transforms()`` the preprocessing fields copy.
     """
 
     head: str
@@ -47,6 +49,7 @@ class ArchSpec:
     min_input_size: int = 32
     input_multiple: int = 1
     fixed_size: bool = False
+    preprocessing_weights: str = "DEFAULT"
 
     @property
     def head_modules(self) -> tuple[str, ...]:
@@ -130,7 +133,10 @@ ARCHS: MappingProxyType[str, ArchSpec] = MappingProxyType({
     "vgg19_bn": ArchSpec("classifier.6", 224, 256, 143_678_248),
     "vit_b_16": ArchSpec("heads.head", 224, 256, 86_567_656, input_multiple=16),
     "vit_b_32": ArchSpec("heads.head", 224, 256, 88_224_232, input_multiple=32),
-    "vit_h_14": ArchSpec("heads.head", 224, 224, 632_045_800, interpolation="bicubic", input_multiple=14),
+    # DEFAULT is the 518-pixel IMAGENET1K_SWAG_E2E_V1, but vit_h_14 built without weights (from
+    # scratch, or to load a checkpoint) takes 224-pixel inputs: the 224-pixel weights' preprocessing.
+    "vit_h_14": ArchSpec("heads.head", 224, 224, 632_045_800, interpolation="bicubic", input_multiple=14,
+                         preprocessing_weights="IMAGENET1K_SWAG_LINEAR_V1"),
     "vit_l_16": ArchSpec("heads.head", 224, 242, 304_326_632, input_multiple=16),
     "vit_l_32": ArchSpec("heads.head", 224, 256, 306_535_400, input_multiple=32),
     "wide_resnet101_2": ArchSpec("fc", 224, 232, 126_886_696),

@@ -28,6 +28,20 @@ def test_table_covers_torchvision_exactly() -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_preprocessing_is_torchvisions(arch: str) -> None:
+    """Resize, crop, interpolation, mean and std are those of torchvision's ``transforms()`` for the
+    weights the entry names (DEFAULT unless it says why not). Building the transforms downloads nothing."""
+    spec = ARCHS[arch]
+    weights = torchvision.models.get_model_weights(arch)[spec.preprocessing_weights]
+    theirs = weights.transforms()
+    assert (spec.resize_size, spec.input_size, spec.interpolation, spec.mean, spec.std) == (
+        *theirs.resize_size, *theirs.crop_size, theirs.interpolation.value, tuple(theirs.mean), tuple(theirs.std)
+    )
+    if spec.preprocessing_weights != "DEFAULT":  # a real exception (vit_h_14's; the table says why)
+        assert weights.transforms().crop_size != torchvision.models.get_model_weights(arch).DEFAULT.transforms().crop_size
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_table_entry_matches_the_architecture(arch: str) -> None:
     """Head paths, the parameter count `headswap archs` lists, which state keys are parameters
     (what `headswap inspect` counts without building the model), and the smallest input size."""
