@@ -25,7 +25,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from models.finetune import resolve_device
+from models.device import resolve_device
 from service.control.slots import SharedState
 from service.errors import GatewayTimeout, InternalError, Overloaded, RequestError
 from service.inference.admission import QueueLedger
