@@ -130,32 +130,35 @@ def _umask() -> int:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, arch: str | None = None, num_classes: int | None = None
+    path: str | os.PathLike[str], *, arch: str | None = None, num_classes: int | None = None, private: bool = False
 ) -> LoadedCheckpoint:
     """Read a checkpoint; returns ``(state, meta, version)``. Never runs pickled code.
 
     ``arch`` and ``num_classes`` are needed only for a bare state_dict file. The tensors of a
     ``.safetensors`` file are memory-mapped: they read the file for as long as they live, so
     replace a checkpoint by writing beside it and renaming (as ``save_checkpoint`` does), never
-    by rewriting it in place.
+    by rewriting it in place -- a file truncated under a mapping kills its reader (SIGBUS). With
+    ``private`` the tensors are copied into memory while the file is open, for files that others
+    may rewrite in place (a shared checkpoint store).
     Raises CheckpointError (unreadable, corrupt, bare without arch), UnsafeCheckpointError
     (the file holds pickled objects, e.g. a whole model).
     """
     where = str(path)
     if is_safetensors(path):
-        state, meta = _read_safetensors(where, path, arch=arch, num_classes=num_classes)
+        state, meta = _read_safetensors(where, path, arch=arch, num_classes=num_classes, private=private)
     else:
         state, meta = _read_torch(where, read_checkpoint_file(path), arch=arch, num_classes=num_classes)
     return LoadedCheckpoint(state, meta, state_version(state))
 
 
 def _read_safetensors(
-    where: str, path: str | os.PathLike[str], *, arch: str | None, num_classes: int | None
+    where: str, path: str | os.PathLike[str], *, arch: str | None, num_classes: int | None, private: bool = False
 ) -> tuple[State, CheckpointMeta]:
-    """The tensors (in name order, memory-mapped from the file) and the metadata of a checked file."""
+    """The tensors (in name order, memory-mapped from the file, or copies with ``private``) and the
+    metadata of a checked file."""
     with open_safetensors(where, path, "pt") as f:
         metadata = f.metadata() or {}
-        state = {name: f.get_tensor(name) for name in sorted(f.keys())}
+        state = {name: f.get_tensor(name).clone() if private else f.get_tensor(name) for name in sorted(f.keys())}
     return state, meta_from_safetensors(where, metadata, arch=arch, num_classes=num_classes)
 
 

@@ -181,6 +181,20 @@ def test_loading_memory_maps_the_file(resnet18_ckpt: Path) -> None:
     assert all(any(low <= t.data_ptr() < high for low, high in mapped) for t in state.values())
 
 
+def test_a_private_load_holds_no_mapping_of_the_file(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """``private`` (what the server uses for its checkpoint store, whose files a user may rewrite in
+    place): the tensors are copies, and truncating the file afterwards changes nothing."""
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes(resnet18_ckpt.read_bytes())
+    loaded = load_checkpoint(path, private=True)
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    mapped = [[int(a, 16) for a in line.split()[0].split("-")] for line in lines if line.endswith(str(path.resolve()))]
+    assert not any(low <= t.data_ptr() < high for low, high in mapped for t in loaded.state.values())
+    with open(path, "r+b") as fh:
+        fh.truncate(16)  # what a `cp` over the file does first
+    assert state_version(loaded.state) == loaded.version == load_checkpoint(resnet18_ckpt).version
+
+
 def test_a_file_of_the_hand_written_writer_keeps_its_version(tmp_path: Path) -> None:
     """``old-writer.safetensors`` was written by ``models/safetensors_format.dump`` (removed for the
     safetensors library): tensors in name order, the header's JSON without spaces. It loads with the

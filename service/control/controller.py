@@ -81,12 +81,12 @@ class Controller:
         failed merges and failed warm-ups.
         """
         try:
-            base = load_checkpoint(self.store.resolve(checkpoint))
+            base = load_checkpoint(self.store.resolve(checkpoint), private=True)  # a store file may be rewritten in place
             if base.meta.partial:
                 raise Unprocessable(f"{checkpoint!r} is a partial checkpoint: load it with mode 'merge'", reason="partial")
             state, meta, report = base.state, base.meta, None
             for name in merges:
-                part = load_checkpoint(self.store.resolve(name))
+                part = load_checkpoint(self.store.resolve(name), private=True)
                 if (part.meta.arch, part.meta.num_classes) != (meta.arch, meta.num_classes):
                     raise Conflict(f"{name!r} is {part.meta.arch} with {part.meta.num_classes} classes; a merge needs "
                                    f"{meta.arch} with {meta.num_classes}", reason="incompatible")
