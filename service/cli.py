@@ -13,13 +13,15 @@ import traceback
 from collections.abc import Sequence
 
 from models.commands import checkpoints, training
+from models.errors import WeightsUnavailableError
 from service import serve_commands
 
 # What a user can cause and fix (a bad file, option value or architecture name, a missing file or
 # folder, an unreachable download): one line, no traceback. Every other exception is a bug and
 # shows as one. The project's own errors subclass these (CheckpointError, UnknownArchitectureError,
-# IncompatibleCheckpointError and DatasetError are ValueErrors, WeightsUnavailableError a RuntimeError).
-USER_ERRORS = (ValueError, OSError, RuntimeError)
+# IncompatibleCheckpointError and DatasetError are ValueErrors). WeightsUnavailableError is named
+# alone: a RuntimeError from torch is a bug, not the user's.
+USER_ERRORS = (ValueError, OSError, WeightsUnavailableError)
 
 
 def build_parser() -> argparse.ArgumentParser:

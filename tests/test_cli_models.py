@@ -13,6 +13,7 @@ import torch
 
 from models import ARCHS, CheckpointMeta, build_classifier, load_checkpoint, load_classifier, save_checkpoint, skeleton
 from models import state_version
+from models.errors import WeightsUnavailableError
 from service.cli import main
 from tests.conftest import make_checkpoint
 
@@ -185,7 +186,7 @@ def test_convert_trust_pickle_of_an_unknown_arch_is_one_line(capsys: pytest.Capt
     assert err.startswith("headswap: error: unknown architecture 'squeezenet1_2'")
 
 
-@pytest.mark.parametrize("bug", [TypeError, KeyError, AttributeError])
+@pytest.mark.parametrize("bug", [TypeError, KeyError, AttributeError, RuntimeError])
 def test_bugs_are_not_reported_as_user_errors(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, resnet18_ckpt: Path, bug: type[Exception]
 ) -> None:
@@ -195,6 +196,16 @@ def test_bugs_are_not_reported_as_user_errors(
     monkeypatch.setattr("models.commands.checkpoints.summarize", broken)
     with pytest.raises(bug, match="a bug"):
         main(["inspect", str(resnet18_ckpt)])
+
+
+def test_unavailable_weights_are_a_user_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                              resnet18_ckpt: Path) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise WeightsUnavailableError("resnet18", "DEFAULT", "no network")
+
+    monkeypatch.setattr("models.commands.checkpoints.summarize", offline)
+    code, _, err = _run(capsys, "inspect", str(resnet18_ckpt))
+    assert (code, err.count("\n")) == (1, 1) and err.startswith("headswap: error: ")
 
 
 def test_console_script_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
