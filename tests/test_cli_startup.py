@@ -7,7 +7,6 @@ is milliseconds.
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -74,15 +73,3 @@ def test_the_models_package_imports_its_names_on_first_use() -> None:
         models.nothing  # noqa: B018
 
 
-def test_models_never_imports_service() -> None:
-    root = Path(__file__).resolve().parent.parent / "models"
-    paths = sorted(root.rglob("*.py"))
-    assert root / "commands" / "checkpoints.py" in paths  # the sub-packages are walked too
-    offenders = []
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.relative_to(root)}: {name}" for name in names
-                          if name.split(".")[0] in ("service", "bench")]
-    assert offenders == []
