@@ -56,6 +56,10 @@ class ArchSpec:
         """The main head followed by the auxiliary heads."""
         return (self.head, *self.aux_heads)
 
+    def is_head_key(self, key: str) -> bool:
+        """Whether state key ``key`` belongs to a head (main or auxiliary)."""
+        return key.startswith(tuple(f"{head}." for head in self.head_modules))
+
 
 ARCHS: MappingProxyType[str, ArchSpec] = MappingProxyType({
     "alexnet": ArchSpec("classifier.6", 224, 256, 61_100_840, min_input_size=63),

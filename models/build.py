@@ -73,8 +73,8 @@ def merge_checkpoint_into(
     """
     loaded = load_checkpoint(path)
     if skip_heads_of is not None:
-        heads = tuple(f"{h}." for h in get_spec(skip_heads_of).head_modules)
-        loaded = loaded._replace(state={k: v for k, v in loaded.state.items() if not k.startswith(heads)})
+        spec = get_spec(skip_heads_of)
+        loaded = loaded._replace(state={k: v for k, v in loaded.state.items() if not spec.is_head_key(k)})
     merged, report = merge_state(model.state_dict(), loaded.state, min_match=min_match)
     model.load_state_dict(merged)
     return report
@@ -87,8 +87,8 @@ def recorded_arch_kwargs(arch: str, model: nn.Module) -> dict[str, Any]:
 
 def head_parameter_names(arch: str, model: nn.Module) -> list[str]:
     """State keys of the head and auxiliary heads of ``model`` (parameters and buffers)."""
-    prefixes = tuple(f"{head}." for head in get_spec(arch).head_modules)
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
+    spec = get_spec(arch)
+    return [k for k in model.state_dict() if spec.is_head_key(k)]
 
 
 def load_classifier(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointMeta]:

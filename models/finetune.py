@@ -12,16 +12,11 @@ before it trains, and its expected duration after the first batches.
 from __future__ import annotations
 
 import logging
-import math
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -29,10 +24,11 @@ from torchvision.datasets import ImageFolder
 from models.archs import get_spec
 from models.build import build_classifier, recorded_arch_kwargs
 from models.checkpoint import SUFFIXES, CheckpointMeta, LoadedCheckpoint, load_checkpoint, save_checkpoint, utc_now
+from models.dataset import SingleThreaded, images_side, load_splits
 from models.device import resolve_device
 from models.errors import IncompatibleCheckpointError
 from models.merge import MergeReport, format_report, merge_state, strip_prefixes
-from models.policy import apply_policy, set_train_mode
+from models.policy import apply_policy
 from models.progress import Estimate, ProgressBar, write
 from models.recipe import (  # noqa: F401 -- OPTIMIZERS, DEVICES, DEFAULT_WEIGHT_DECAY: importable from here too
     DEFAULT_BATCH_SIZE,
@@ -51,23 +47,14 @@ from models.recipe import (  # noqa: F401 -- OPTIMIZERS, DEVICES, DEFAULT_WEIGHT
     auto_lr,
     check_image_size,
 )
+from models.train_steps import evaluate, make_optimizer, make_schedule, train_epoch, train_text
 from models.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-AUX_LOSS_WEIGHT = 0.3  # the GoogLeNet paper's weight on each auxiliary classifier's loss
 FROM_MIN_MATCH = 0.5  # less than half of a --from checkpoint fitting is a wrong file, not a transfer
 
 State = dict[str, torch.Tensor]
-
-
-class DatasetError(ValueError):
-    """The data folder is not an ImageFolder tree with matching ``train/`` and ``val/`` splits."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -177,8 +164,8 @@ def finetune(config: FinetuneConfig, *, progress: TextIO | None = None) -> Finet
     chosen = config
     config = config.resolved(image_side)
     model, meta, report = _initial_model(config, train_set.classes)
-    train_set.transform = _SingleThreaded(train_transform(meta))
-    val_set.transform = _SingleThreaded(eval_transform(meta))
+    train_set.transform = SingleThreaded(train_transform(meta))
+    val_set.transform = SingleThreaded(eval_transform(meta))
     threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads or threads)
     try:
@@ -187,22 +174,6 @@ def finetune(config: FinetuneConfig, *, progress: TextIO | None = None) -> Finet
         return _fit(config, device, model, meta, report, loaders, progress)
     finally:  # a library call leaves the process's thread count as it found it
         torch.set_num_threads(threads)
-
-
-def images_side(dataset: ImageFolder, *, sample: int = IMAGE_SIZE_SAMPLE) -> int:
-    """The median shorter side, in pixels, of up to ``sample`` images spread over ``dataset``.
-
-    Reads image headers only. Raises DatasetError for a file that is not an image.
-    """
-    paths = [path for path, _ in dataset.samples[:: max(1, len(dataset.samples) // sample)][:sample]]
-    sides = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except (OSError, ValueError) as exc:
-            raise DatasetError(path, f"not a readable image ({exc})") from None
-    return int(statistics.median_low(sides))
 
 
 def describe_run(
@@ -216,42 +187,6 @@ def describe_run(
     decay = config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.optimizer]
     return (f"{config.arch} from {start}, training {config.train}: {config.optimizer} {lr}, weight decay {decay:g}, "
             f"{size}, {config.epochs} epochs of {batches} batches ({images} images), {device.type}")
-
-
-def load_splits(data: Path) -> tuple[ImageFolder, ImageFolder]:
-    """The ``train`` and ``val`` ImageFolders of ``data``; raises DatasetError unless they match."""
-    for split in ("train", "val"):
-        if not (data / split).is_dir():
-            raise DatasetError(str(data / split),
-                               "no such folder: expected DATA/train/<class>/* and DATA/val/<class>/*")
-    try:
-        train, val = ImageFolder(str(data / "train")), ImageFolder(str(data / "val"))
-    except FileNotFoundError as exc:  # a class folder without images
-        raise DatasetError(str(data), str(exc)) from None
-    if train.classes != val.classes:
-        raise DatasetError(str(data / "val"), f"classes {val.classes} differ from train's {train.classes}")
-    if len(train.classes) < 2:
-        raise DatasetError(str(data / "train"), f"expected at least 2 class folders, found {train.classes}")
-    return train, val
-
-
-class _SingleThreaded:
-    """Runs a per-image transform on one intra-op thread, then restores the thread count.
-
-    On tiny single images, torch's thread pool costs more than it gives, and when the cores
-    are busy its barrier waits made colour jitter 30x slower (measured: 14 ms vs 0.2 ms on 2 cores).
-    """
-
-    def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self.transform(image)
-        finally:
-            torch.set_num_threads(threads)
 
 
 def _initial_model(config: FinetuneConfig, classes: list[str]) -> tuple[nn.Module, CheckpointMeta, MergeReport | None]:
@@ -280,8 +215,8 @@ def _initial_model(config: FinetuneConfig, classes: list[str]) -> tuple[nn.Modul
 
 def _merge_backbone(model: nn.Module, parent: LoadedCheckpoint, where: Path | None) -> MergeReport:
     # The parent's head(s) are left out even where their shapes fit: the new classes get a fresh head.
-    heads = tuple(f"{head}." for head in get_spec(parent.meta.arch).head_modules)
-    backbone = {k: v for k, v in strip_prefixes(parent.state).items() if not k.startswith(heads)}
+    spec = get_spec(parent.meta.arch)
+    backbone = {k: v for k, v in strip_prefixes(parent.state).items() if not spec.is_head_key(k)}
     try:
         merged, report = merge_state(model.state_dict(), backbone, min_match=FROM_MIN_MATCH)
     except IncompatibleCheckpointError as exc:
@@ -309,8 +244,10 @@ def _fit(
     config: FinetuneConfig, device: torch.device, model: nn.Module, meta: CheckpointMeta,
     report: MergeReport | None, loaders: tuple[DataLoader, DataLoader], progress: TextIO | None,
 ) -> FinetuneResult:
-    optimizer = _optimizer(config, apply_policy(config.arch, model, config.train))
-    scheduler = _schedule(optimizer, config.epochs * len(loaders[0]))
+    assert config.lr is not None  # resolved before training
+    optimizer = make_optimizer(config.optimizer, apply_policy(config.arch, model, config.train), lr=config.lr,
+                               weight_decay=config.weight_decay)
+    scheduler = make_schedule(optimizer, config.epochs * len(loaders[0]))
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     history: list[EpochStats] = []
     best: _Saved | None = None
@@ -318,12 +255,12 @@ def _fit(
     try:
         for epoch in range(1, config.epochs + 1):
             bar = ProgressBar(progress, f"epoch {epoch}/{config.epochs}", len(loaders[0]))
-            loss, accuracy, rate = _train_epoch(config, model, loaders[0], (optimizer, scheduler), device, bar,
+            loss, accuracy, rate = train_epoch(config.arch, config.train, model, loaders[0], (optimizer, scheduler), device, bar,
                                                 estimate if epoch == 1 else None)
             val_accuracy = evaluate(model, loaders[1], device)
             history.append(EpochStats(epoch, round(loss, 6), accuracy, val_accuracy, round(rate, 1)))
             improved = best is None or val_accuracy > best.meta.training["best_val_accuracy"]
-            bar.close(f"{_train_text(loss, accuracy, rate)} | val acc {val_accuracy:.1%}"
+            bar.close(f"{train_text(loss, accuracy, rate)} | val acc {val_accuracy:.1%}"
                       + (" (best, saved)" if improved else ""))
             if improved:  # `best` moves once the file is written: a Ctrl-C mid-write leaves both as they were
                 best = _save(config.out, _cpu_state(model), _with_summary(meta, config, history, report, device))
@@ -348,95 +285,6 @@ class _Saved(NamedTuple):
 
 def _save(path: Path, state: State, meta: CheckpointMeta) -> _Saved:
     return _Saved(state, save_checkpoint(path, state, meta), meta)
-
-
-def _optimizer(config: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    decay = config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.optimizer]
-    assert config.lr is not None  # resolved before training
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=SGD_MOMENTUM, weight_decay=decay)  # the seed's optimizer
-
-
-def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over the first tenth of the steps, then cosine decay to zero, per step."""
-    warmup = max(1, steps // 10)  # without it, resnet18 from scratch sat near chance for epochs here
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _train_epoch(
-    config: FinetuneConfig, model: nn.Module, loader: DataLoader,
-    steppers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], device: torch.device,
-    bar: ProgressBar, estimate: Estimate | None = None,
-) -> tuple[float, float, float]:
-    """One pass over ``loader``; returns mean loss, accuracy and images per second.
-
-    ``estimate``, on the first epoch, is told of every step and prints the run's expected time.
-    """
-    optimizer, scheduler = steppers
-    set_train_mode(config.arch, model, config.train)
-    # Sums stay on the device: reading one (.item()) waits for the GPU, so only a drawing bar does.
-    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
-    start = time.perf_counter()
-    for step, (images, targets) in enumerate(loader, 1):
-        images, targets = _to_device(images, device), targets.to(device, non_blocking=True)
-        with _autocast(device):
-            logits, aux = split_output(model(images))
-            loss = nn.functional.cross_entropy(logits, targets)
-            for extra in aux:
-                loss = loss + AUX_LOSS_WEIGHT * nn.functional.cross_entropy(extra, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(targets)
-        correct += (logits.argmax(1) == targets).sum()
-        seen += len(targets)
-        if estimate is not None:
-            estimate.step(step, len(targets), bar, device)
-        bar.update(step, lambda: _train_text(loss_sum.item() / seen, correct.item() / seen,
-                                             seen / (time.perf_counter() - start)))
-    return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start)
-
-
-def split_output(output: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Main and auxiliary logits: googlenet and inception_v3 return namedtuples in train mode."""
-    if isinstance(output, torch.Tensor):
-        return output, []
-    fields = output._asdict()
-    return fields["logits"], [v for k, v in fields.items() if k != "logits" and v is not None]
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` over ``loader``; puts the model in eval mode."""
-    model.eval()
-    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
-    with torch.inference_mode(), _autocast(device):
-        for images, targets in loader:
-            logits, _ = split_output(model(_to_device(images, device)))
-            correct += (logits.argmax(1) == targets.to(device)).sum()
-            total += len(targets)
-    return correct.item() / max(total, 1)
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return images
-
-
-def _train_text(loss: float, accuracy: float, rate: float) -> str:
-    return f"loss {loss:.4f} acc {accuracy:.1%} {rate:.0f} img/s"
 
 
 def _cpu_state(model: nn.Module) -> State:

@@ -26,7 +26,10 @@ from torch.utils.data import DataLoader
 import models.finetune as finetune_module
 from models import eval_transform, load_checkpoint, load_classifier, state_version
 from models.demo_data import TASKS, write_demo_data
-from models.finetune import FinetuneConfig, FinetuneResult, evaluate, finetune, load_splits, split_output
+from models.dataset import load_splits
+from models.finetune import FinetuneConfig, FinetuneResult, finetune
+from models import train_steps
+from models.train_steps import evaluate, split_output
 from models.progress import Estimate, ProgressBar
 from service.cli import main
 from tests.cli_help import assert_every_option_names_its_default, subparser
@@ -146,7 +149,7 @@ def test_finetune_is_deterministic_on_cpu(tiny_data: Path, tmp_path: Path, worke
 def test_interrupt_keeps_the_best_checkpoint_so_far(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original, calls = finetune_module._train_epoch, []
+    original, calls = finetune_module.train_epoch, []
 
     def interrupted_in_epoch_two(*args: object, **kwargs: object) -> tuple[float, float, float]:
         calls.append(1)
@@ -154,7 +157,7 @@ def test_interrupt_keeps_the_best_checkpoint_so_far(
             raise KeyboardInterrupt
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(finetune_module, "_train_epoch", interrupted_in_epoch_two)
+    monkeypatch.setattr(finetune_module, "train_epoch", interrupted_in_epoch_two)
     result = finetune(_config(tiny_data, tmp_path / "best.safetensors", image_size=32, epochs=3))
     assert result.interrupted and len(result.history) == 1
     loaded = load_checkpoint(tmp_path / "best.safetensors")
@@ -178,7 +181,7 @@ def test_aux_logits_of_googlenet_and_inception_join_the_loss(
         seen.append(len(extra))
         return logits, extra
 
-    monkeypatch.setattr(finetune_module, "split_output", spy)
+    monkeypatch.setattr(train_steps, "split_output", spy)
     result = finetune(_config(tmp_path / "data", tmp_path / "aux.safetensors", arch=arch, image_size=px, batch_size=6))
     assert seen[:2] == [aux, aux] and seen[-1] == 0  # two training steps, then evaluation without aux
     _, meta = load_classifier(tmp_path / "aux.safetensors")
