@@ -124,7 +124,7 @@ class Controller:
         called = time.monotonic()
         with self.shared.lock():
             current = self.shared.read()
-            self._require_mutable(caller)
+            self._require_mutable()
             candidate = self._candidate(req, current)
             slot_change = {req.slot: candidate.spec}
             if req.slot == "stable":
@@ -171,7 +171,7 @@ class Controller:
     def set_canary(self, weight: int, shadow: int, caller: str) -> dict[str, Any]:
         with self.shared.lock():
             current = self.shared.read()
-            self._require_mutable(caller)
+            self._require_mutable()
             if current.canary is None and (weight or shadow):
                 raise Conflict("no canary loaded: POST /admin/load with slot 'canary' first", reason="no_canary")
             return self._commit(current, current.next(weight=weight, shadow=shadow), action="canary", caller=caller)
@@ -179,7 +179,7 @@ class Controller:
     def promote(self, caller: str) -> dict[str, Any]:
         with self.shared.lock():
             current = self.shared.read()
-            self._require_mutable(caller)
+            self._require_mutable()
             if current.canary is None:
                 raise Conflict("no canary to promote", reason="no_canary")
             new = current.next(stable=current.canary, canary=None, weight=0, shadow=0, previous_stable=current.stable)
@@ -189,7 +189,7 @@ class Controller:
         with self.shared.lock():
             current = self.shared.read()
             if reason == "manual":
-                self._require_mutable(caller)
+                self._require_mutable()
             if current.canary is not None:
                 new = current.next(canary=None, weight=0, shadow=0)
             elif reason == "manual" and current.previous_stable is not None:
@@ -233,7 +233,7 @@ class Controller:
             self.metrics.rollout_errors.inc()
 
     # ---- committing ---------------------------------------------------------------------------
-    def _require_mutable(self, caller: str) -> None:
+    def _require_mutable(self) -> None:
         if self.rollout is not None and not self.rollout.writable():
             raise Conflict("the rollout file is read-only (a ConfigMap?): change the served models by editing the "
                            "rollout spec, not through the admin API", reason="read_only_rollout")
