@@ -38,6 +38,7 @@ from service.control.store import CheckpointStore
 from service.http.admin import AdminRoutes
 from service.http.errors import framework_error
 from service.http.routes import Routes
+from service.http.shedding import ShedEarly
 from service.http.sidecar import SidecarServer, check_bindable, local_address
 from service.http.v2_routes import V2Routes
 from service.inference.admission import Admission, QueueLedger
@@ -120,6 +121,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
+    server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics)  # outside routing: cheap 503s
     sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()

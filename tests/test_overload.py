@@ -7,6 +7,8 @@ server admits, refuses and later refuses to run is then exact, with no timing in
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import os
 import signal
 import socket
@@ -106,6 +108,46 @@ def test_the_bound_holds_over_api_processes_and_late_items_never_run(resnet18_ck
         assert metric_value(srv, "headswap_batch_size_count") == batches_before  # no forward pass for them
         assert metric_value(srv, "headswap_queue_depth") == 0
         assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 16 - bound
+
+
+def test_a_full_queue_refuses_predict_before_reading_it_and_keeps_the_connection(
+        resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """With the queue full, a /predict is refused by the early check (its body is never read), with
+    the route's own answer and metrics; the keep-alive connection carries on, and once the queue
+    drains the same connection is served. A request the early check cannot judge (V2, whose image
+    count is in its body) and one to another route are left to their routes."""
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "1", "--max-queue", "1", env=ADMIN) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        with paused_workers(srv):
+            queued = threading.Thread(target=requests.post, args=(f"{srv.url}/predict",),
+                                      kwargs={"data": IMAGE, "headers": {"Content-Type": "image/jpeg"}, "timeout": 60})
+            queued.start()
+            while metric_value(srv, "headswap_queue_depth") < 1:
+                threading.Event().wait(0.02)
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            answers = []
+            # text/plain: the route would answer 415 before admitting; refused early, it never gets there
+            for body, kind in ((IMAGE, "image/jpeg"), (b"not an image", "text/plain"), (IMAGE, "image/jpeg")):
+                conn.request("POST", "/predict", body=body, headers={"Content-Type": kind})
+                response = conn.getresponse()
+                answers.append((response.status, response.getheader("Retry-After"), json.loads(response.read())))
+            sock = conn.sock
+            v2 = requests.post(f"{srv.url}/v2/models/resnet18-test/infer", json={"inputs": [
+                {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(IMAGE).decode()]}]})
+            health = requests.get(f"{srv.url}/health")
+        queued.join(60)
+        conn.request("POST", "/predict", body=IMAGE, headers={"Content-Type": "image/jpeg"})
+        after = conn.getresponse()
+        assert (after.status, conn.sock is sock) == (200, True), after.read()
+        after.read()
+        conn.close()
+        for status, retry_after, body in answers:
+            assert (status, int(retry_after) >= 1) == (503, True)
+            assert body["error"].startswith("overloaded: 1 images are waiting, the bound is 1 (--max-queue)")
+        assert (v2.status_code, v2.headers["Retry-After"]) == (503, "1") and v2.json()["error"].startswith("overloaded")
+        assert health.status_code == 200
+        assert metric_value(srv, 'headswap_requests_total{endpoint="predict",status="503"}') == 3
+        assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 4  # 3 /predict + 1 V2 image
 
 
 def test_a_v2_request_is_admitted_or_refused_whole_and_takes_its_timeout_parameter(

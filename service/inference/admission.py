@@ -148,10 +148,19 @@ class Admission:
         """Admit ``n`` images (all or none). Raises Overloaded (503 with Retry-After) over the bound."""
         bound = self.bound()
         if not self.ledger.try_admit(n, bound):
-            depth, retry_after = self.ledger.depth(), self.retry_after()
-            raise Overloaded(f"overloaded: {depth} images are waiting, the bound is {bound} (--max-queue); "
-                             f"retry after {retry_after} s", retry_after=retry_after)
+            raise self._refusal(bound)
         return Ticket(self.ledger, n)
+
+    def refusal(self, n: int) -> Overloaded | None:
+        """The Overloaded that ``admit(n)`` would raise now, admitting nothing (None: it would admit).
+        For refusing before any work is spent on a request; ``admit`` still decides."""
+        bound = self.bound()
+        return self._refusal(bound) if bound and self.ledger.depth() + n > bound else None
+
+    def _refusal(self, bound: int) -> Overloaded:
+        depth, retry_after = self.ledger.depth(), self.retry_after()
+        return Overloaded(f"overloaded: {depth} images are waiting, the bound is {bound} (--max-queue); "
+                          f"retry after {retry_after} s", retry_after=retry_after)
 
     def try_admit(self, n: int) -> Ticket | None:
         """``admit`` for best-effort work (canary shadows): None instead of a 503."""

@@ -1,0 +1,52 @@
+"""Refusing a /predict request before any work is spent on it, when the queue is already full.
+
+Under overload most requests are refused; each refusal should cost as little as a server can
+make it. ``ShedEarly`` is ASGI middleware outside routing: a ``POST /predict`` that arrives
+while the queue has no room for one more image gets its 503 (``Retry-After``, the same error
+body and metrics as a refusal by the route) without its body being read or parsed, without
+FastAPI's routing, dependencies and exception layers. It only looks: the route still admits,
+so a request that passes here can still be refused there, and one refused here would have been
+(the queue cannot shrink by the time its body was read: that is the shedding being early, not
+wrong). A V2 request is left to its route, which knows how many images it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from service.errors import Overloaded
+from service.observability.metrics import Metrics
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ShedEarly:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
+                 refusal: Callable[[int], Overloaded | None], metrics: Metrics, path: str = "/predict") -> None:
+        self.app = app
+        self.refusal = refusal
+        self.metrics = metrics
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        refused = self.refusal(1)
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": str(refused)}).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(refused.retry_after).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        self.metrics.rejected.labels(refused.reason).inc()
+        self.metrics.requests.labels("predict", "503", "none").inc()
+        self.metrics.request_duration.labels("predict").observe(time.perf_counter() - started)
