@@ -5,9 +5,9 @@ make it. ``ShedEarly`` is ASGI middleware outside routing: a ``POST /predict`` t
 while the queue has no room for one more image gets its 503 (``Retry-After``, the same error
 body and metrics as a refusal by the route) without its body being read or parsed, without
 FastAPI's routing, dependencies and exception layers. It only looks: the route still admits,
-so a request that passes here can still be refused there, and one refused here would have been
-(the queue cannot shrink by the time its body was read: that is the shedding being early, not
-wrong). A V2 request is left to its route, which knows how many images it holds.
+so a request that passes here can still be refused there; one refused here might have found room
+by the time its body was read, which is the price of refusing early (the queue was full when it
+arrived). A V2 request is left to its route, which knows how many images it holds.
 """
 
 from __future__ import annotations
