@@ -516,3 +516,12 @@ def test_metadata_answers_are_their_models():
     assert v2_models.ServerMetadata.model_validate(server_metadata(version="1.2")).extensions == list(EXTENSIONS)
     meta = v2_models.ModelMetadata.model_validate(model_metadata(name="m", versions=["a"], num_classes=4, input_size=224))
     assert [t.shape for t in meta.inputs] == [[-1], [-1, 3, 224, 224]] and meta.outputs[0].shape == [-1, 4]
+
+
+def test_keys_the_server_does_not_read_are_ignored_as_before():
+    """V2 objects are open: a client's extra keys (in the request, an input, an output) change nothing."""
+    extra = dict(image([1], [B64]), model_name="any", inputs=[dict(ONE_IMAGE, extra=1)],
+                 outputs=[{"name": "PROBABILITIES", "parameters": {"classification": 2}, "note": "x"}])
+    parsed = parse(*raw(extra))
+    assert parsed.images == [JPEG1]
+    assert parsed.outputs == (RequestedOutput("PROBABILITIES", binary=False, classification=2),)

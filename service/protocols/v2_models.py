@@ -28,7 +28,7 @@ class InputParameters(Open):
     binary_data_size: Annotated[Any, Field(description="the byte size of this input's binary section")] = None
 
 
-class RequestInput(Wire):
+class RequestInput(Open):
     name: Annotated[str, Field(description="IMAGE or PIXELS")]
     datatype: Annotated[str, Field(description="BYTES for IMAGE, FP32 for PIXELS")]
     shape: Annotated[list[NonNegative], Field(description="an array of non-negative integers")]
@@ -41,7 +41,7 @@ class OutputParameters(Open):
     classification: Annotated[NonNegative, Field(description="a non-negative integer: top-k as score:index:label")] = 0
 
 
-class RequestOutput(Wire):
+class RequestOutput(Open):
     name: Annotated[str, Field(description="PROBABILITIES")]
     parameters: Annotated[OutputParameters, Field(description="an object")] = OutputParameters()
 
@@ -51,7 +51,7 @@ class RequestParameters(Open):
     timeout: Annotated[NonNegative | None, Field(description="a non-negative integer (microseconds)")] = None
 
 
-class InferenceRequest(Wire):
+class InferenceRequest(Open):
     """The JSON header of ``POST /v2/models/{name}/infer``."""
 
     id: Annotated[str | None, Field(description="a string")] = None
