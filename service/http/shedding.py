@@ -12,12 +12,12 @@ arrived). A V2 request is left to its route, which knows how many images it hold
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.errors import Overloaded
+from service.http.errors import error_response
 from service.observability.metrics import Metrics
 
 Scope = dict[str, Any]
@@ -42,11 +42,8 @@ class ShedEarly:
         if refused is None:
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"error": str(refused)}).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(refused.retry_after).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        response = error_response(refused)  # the route's own answer to Overloaded: body, status, Retry-After
+        await response(scope, receive, send)
         self.metrics.rejected.labels(refused.reason).inc()
-        self.metrics.requests.labels("predict", "503", "none").inc()
+        self.metrics.requests.labels("predict", str(response.status_code), "none").inc()
         self.metrics.request_duration.labels("predict").observe(time.perf_counter() - started)
