@@ -35,7 +35,10 @@ class ArchSpec:
     pooling 63, inception_v3's auxiliary head 299); ``input_multiple`` what every input size
     must be a multiple of (a ViT's patch size); ``fixed_size`` marks a network built for its
     ``input_size`` alone (maxvit_t's window partition). ``preprocessing_weights`` names the
-    torchvision weights whose ``transforms()`` the preprocessing fields copy.
+    torchvision weights whose ``transforms()`` the preprocessing fields copy. ``after_head``
+    names what the forward does to the main head's output before returning it, in order
+    (squeezenet: ``relu``, ``global_avg_pool``, ``flatten``; the names are ``models/shared.py``'s);
+    empty where the head's output is the logits.
     """
 
     head: str
@@ -50,6 +53,7 @@ class ArchSpec:
     input_multiple: int = 1
     fixed_size: bool = False
     preprocessing_weights: str = "DEFAULT"
+    after_head: tuple[str, ...] = ()
 
     @property
     def head_modules(self) -> tuple[str, ...]:
@@ -60,6 +64,9 @@ class ArchSpec:
         """Whether state key ``key`` belongs to a head (main or auxiliary)."""
         return key.startswith(tuple(f"{head}." for head in self.head_modules))
 
+
+# squeezenet's classifier is Dropout, the 1x1 Conv2d head, ReLU, AdaptiveAvgPool2d; its forward then flattens.
+_SQUEEZENET_TAIL = ("relu", "global_avg_pool", "flatten")
 
 ARCHS: MappingProxyType[str, ArchSpec] = MappingProxyType({
     "alexnet": ArchSpec("classifier.6", 224, 256, 61_100_840, min_input_size=63),
@@ -119,8 +126,8 @@ ARCHS: MappingProxyType[str, ArchSpec] = MappingProxyType({
     "shufflenet_v2_x1_0": ArchSpec("fc", 224, 256, 2_278_604),
     "shufflenet_v2_x1_5": ArchSpec("fc", 224, 232, 3_503_624),
     "shufflenet_v2_x2_0": ArchSpec("fc", 224, 232, 7_393_996),
-    "squeezenet1_0": ArchSpec("classifier.1", 224, 256, 1_248_424),
-    "squeezenet1_1": ArchSpec("classifier.1", 224, 256, 1_235_496),
+    "squeezenet1_0": ArchSpec("classifier.1", 224, 256, 1_248_424, after_head=_SQUEEZENET_TAIL),
+    "squeezenet1_1": ArchSpec("classifier.1", 224, 256, 1_235_496, after_head=_SQUEEZENET_TAIL),
     "swin_b": ArchSpec("head", 224, 238, 87_768_224, interpolation="bicubic"),
     "swin_s": ArchSpec("head", 224, 246, 49_606_258, interpolation="bicubic"),
     "swin_t": ArchSpec("head", 224, 232, 28_288_354, interpolation="bicubic"),

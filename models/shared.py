@@ -1,0 +1,238 @@
+"""One backbone, many heads: serve head-only fine-tunes of one network with one backbone pass per batch.
+
+Checkpoints that differ only in their heads share a *backbone version* (the content hash of
+their non-head tensors). ``split_classifier`` cuts a built classifier into a ``Backbone`` (the
+network up to its main head, whose output is the head's input: the features) and a ``Head``
+(the head and whatever the architecture's forward does after it, ``ArchSpec.after_head``);
+``head_from_state`` builds the head of a further checkpoint alone, without its backbone; and
+``shared_forward`` runs a mixed batch through the backbone once, then each group of images
+through its own head::
+
+    backbone, head_a = split_from_state(state_a, meta_a)
+    heads = {"a": head_a, "b": head_from_state(backbone, state_b, meta_b)}
+    logits = shared_forward(backbone, heads, batch, ["a", "b", "a"])  # 3 vectors, 2 lengths
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from types import MappingProxyType
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from models.archs import get_spec
+from models.build import classifier_from_state
+from models.checkpoint import State, state_version
+from models.errors import IncompatibleCheckpointError
+from models.merge import merge_state
+from models.meta import CheckpointMeta
+
+K = TypeVar("K", bound=Hashable)
+
+# What ``ArchSpec.after_head`` names, as modules that repeat the forward's own operations.
+AFTER_HEAD_OPS: Mapping[str, Callable[[], nn.Module]] = MappingProxyType({
+    "relu": nn.ReLU,
+    "global_avg_pool": lambda: nn.AdaptiveAvgPool2d((1, 1)),
+    "flatten": lambda: nn.Flatten(1),
+})
+
+
+def head_state(arch: str, state: State) -> State:
+    """The tensors of ``state`` that belong to a head of ``arch``, auxiliary heads included.
+
+    Raises UnknownArchitectureError for an unknown ``arch``; so do ``backbone_state`` and ``backbone_version``.
+    """
+    spec = get_spec(arch)
+    return {k: v for k, v in state.items() if spec.is_head_key(k)}
+
+
+def backbone_state(arch: str, state: State) -> State:
+    """The tensors of ``state`` that belong to no head of ``arch`` (the complement of ``head_state``)."""
+    spec = get_spec(arch)
+    return {k: v for k, v in state.items() if not spec.is_head_key(k)}
+
+
+def backbone_version(arch: str, state: State) -> str:
+    """The content hash of the backbone tensors of ``state`` (``state_version`` of ``backbone_state``).
+
+    Returns 12 hex digits, equal for checkpoints that differ only in their heads (auxiliary
+    heads included).
+    """
+    return state_version(backbone_state(arch, state))
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``module`` (a tensor shared twice counts once)."""
+    return sum(t.nbytes for t in chain(module.parameters(), module.buffers()))
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """What a head that fits a backbone looks like: a Linear, or squeezenet's 1x1 Conv2d."""
+
+    conv: bool
+    in_features: int
+    bias: bool
+
+    @classmethod
+    def of(cls, head: nn.Module) -> HeadShape:
+        """The shape of ``head``; raises TypeError unless it is a Linear or a Conv2d."""
+        if isinstance(head, nn.Linear):
+            return cls(False, head.in_features, head.bias is not None)
+        if isinstance(head, nn.Conv2d):
+            return cls(True, head.in_channels, head.bias is not None)
+        raise TypeError(f"head is a {type(head).__name__}, expected Linear or Conv2d")
+
+    def empty(self, num_classes: int) -> nn.Module:
+        """A head of this shape with ``num_classes`` outputs on the meta device (no memory, no init)."""
+        with torch.device("meta"):
+            if self.conv:
+                return nn.Conv2d(self.in_features, num_classes, kernel_size=1, bias=self.bias)
+            return nn.Linear(self.in_features, num_classes, bias=self.bias)
+
+
+class Head(nn.Module):
+    """A classifier's main head and what its forward does after it: features in, logits out."""
+
+    def __init__(self, arch: str, head: nn.Module) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_classes: int = head.weight.shape[0]
+        self.layers = nn.Sequential(head, *(AFTER_HEAD_OPS[op]() for op in get_spec(arch).after_head))
+        self.eval()
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)
+
+
+class _HeadReached(Exception):
+    """Not an error: how ``_StopAtHead`` hands the head's input to ``Backbone.forward``."""
+
+    def __init__(self, features: Tensor) -> None:
+        super().__init__("the forward reached the head")
+        self.features = features
+
+
+class _StopAtHead(nn.Module):
+    """Stands in for the head: ends the forward there, handing over the head's input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise _HeadReached(x)
+
+
+class Backbone(nn.Module):
+    """A classifier without its heads; its forward returns the main head's input (the features).
+
+    Inference only: every model whose head runs on it shares these weights and statistics.
+    """
+
+    def __init__(self, model: nn.Module, arch: str, head_shape: HeadShape) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.head_shape = head_shape
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Replacing modules alone cannot make every forward return the head's input (squeezenet
+        # flattens after its classifier in code), so the forward stops where the head was.
+        try:
+            self.model(x)
+        except _HeadReached as reached:
+            return reached.features
+        raise RuntimeError(f"the {self.arch} forward returned without reaching its head")
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Eval mode only; raises RuntimeError for ``mode=True``."""
+        if mode:
+            raise RuntimeError("a Backbone runs in eval mode only: training it would change every model that shares it")
+        return super().train(False)
+
+
+def split_classifier(model: nn.Module, arch: str) -> tuple[Backbone, Head]:
+    """Cut ``model`` (an ``arch`` classifier from ``models.build``) into its backbone and main head.
+
+    The model is taken apart in place, its tensors not copied: the main head moves into the
+    Head, and the auxiliary heads are dropped with the modules that hold them (googlenet's
+    ``aux1``/``aux2``, inception_v3's ``AuxLogits``, which its eval forward skips). Returns
+    ``(backbone, head)`` in eval mode. Raises UnknownArchitectureError, TypeError for a head
+    that is not a Linear or Conv2d.
+    """
+    spec = get_spec(arch)
+    head = model.get_submodule(spec.head)
+    shape = HeadShape.of(head)
+    model.set_submodule(spec.head, _StopAtHead())
+    for aux in spec.aux_heads:
+        holder = aux.rpartition(".")[0]  # googlenet's aux1 and aux2, inception_v3's AuxLogits
+        parent, _, name = holder.rpartition(".")
+        setattr(model.get_submodule(parent), name, None)
+    return Backbone(model, arch, shape), Head(arch, head)
+
+
+def split_from_state(state: State, meta: CheckpointMeta, *, where: str = "<state>") -> tuple[Backbone, Head]:
+    """Build ``meta.arch`` from a whole checkpoint's state (strictly) and split it.
+
+    Returns ``(backbone, head)`` on the CPU in eval mode. Raises CheckpointError (a partial
+    checkpoint), IncompatibleCheckpointError (the state does not fit).
+    """
+    return split_classifier(classifier_from_state(state, meta, where=where), meta.arch)
+
+
+def head_from_state(backbone: Backbone, state: State, meta: CheckpointMeta, *, where: str = "<state>") -> Head:
+    """The main head of a checkpoint of ``backbone``'s architecture, built alone to run on its features.
+
+    ``state`` is the checkpoint's state, whole or partial; only the main head's tensors are read
+    (copied to the backbone's device and dtype). Whether the checkpoint's backbone is this one
+    (``backbone_version``) is the caller's to check. Returns the Head in eval mode. Raises
+    ValueError when ``meta.arch`` is not the backbone's, IncompatibleCheckpointError when the
+    head's tensors do not fit ``meta.num_classes`` and the backbone's features.
+    """
+    if meta.arch != backbone.arch:
+        raise ValueError(f"{where}: a {meta.arch} head cannot run on a {backbone.arch} backbone")
+    prefix = f"{get_spec(meta.arch).head}."
+    tensors = {k: v for k, v in state.items() if k.startswith(prefix)}
+    module = backbone.head_shape.empty(meta.num_classes)
+    _, report = merge_state({prefix + k: v for k, v in module.state_dict().items()}, tensors, prefixes=())
+    if report.missing or report.unexpected or report.shape_mismatched:
+        raise IncompatibleCheckpointError(
+            f"{where}: head {prefix[:-1]} does not fit {meta.arch} with {meta.num_classes} classes and "
+            f"{backbone.head_shape.in_features} features ({len(report.missing)} missing, "
+            f"{len(report.unexpected)} unexpected, {len(report.shape_mismatched)} shape mismatches)",
+            report,
+        )
+    reference = next(backbone.parameters())
+    module = module.to_empty(device=reference.device).to(reference.dtype)
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
+    return Head(meta.arch, module)
+
+
+def shared_forward(backbone: Backbone, heads: Mapping[K, Head], x: Tensor, keys: Sequence[K]) -> list[Tensor]:
+    """Logits of a mixed batch: the backbone runs once on ``x``, each head once on its own images.
+
+    ``keys[i]`` names the head (a key of ``heads``) of image ``x[i]``. Returns one 1-D logits
+    tensor per image, in batch order, each of its head's class count (views of one tensor per
+    head, on the backbone's device). Raises ValueError when ``keys`` and ``x`` differ in
+    length, KeyError for a key that ``heads`` lacks.
+    """
+    if len(keys) != x.shape[0]:
+        raise ValueError(f"{len(keys)} head keys for a batch of {x.shape[0]} images")
+    groups: dict[K, list[int]] = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    missing = [key for key in groups if key not in heads]
+    if missing:
+        raise KeyError(f"no head for {missing!r} among {list(heads)!r}")
+    if not keys:
+        return []
+    features = backbone(x)
+    out: dict[int, Tensor] = {}
+    for key, rows in groups.items():
+        mine = features
+        if len(rows) < len(keys):
+            mine = features.index_select(0, torch.tensor(rows, device=features.device))
+        out.update(zip(rows, heads[key](mine).unbind(0), strict=True))
+    return [out[row] for row in range(len(keys))]
