@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import logging
 import os
 import urllib.error
@@ -115,7 +117,11 @@ def classifier_from_state(state: dict[str, torch.Tensor], meta: CheckpointMeta, 
             f"{len(report.shape_mismatched)} shape mismatches)",
             report,
         )
-    model.load_state_dict(state, strict=True)
+    # A file keeps tensors, not the module versions a state_dict() carries as metadata; modules that
+    # read theirs (mnasnet's) get those of the modules as built here, the code that wrote the file.
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    model.load_state_dict(versioned, strict=True)
     return model.eval()
 
 

@@ -289,6 +289,18 @@ def test_load_classifier_restores_eval_model_that_predicts_like_the_original(res
         assert torch.equal(model(x), original(x))
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_checkpoint_of_a_module_that_reads_its_version_loads(tmp_path: Path, suffix: str) -> None:
+    # mnasnet's loader reads its module version from the state's metadata, which no file keeps
+    torch.manual_seed(0)
+    original = build_classifier("mnasnet0_5", 3).eval()
+    save_checkpoint(tmp_path / f"m{suffix}", original.state_dict(), CheckpointMeta.for_arch("mnasnet0_5", ["a", "b", "c"]))
+    model, _ = load_classifier(tmp_path / f"m{suffix}")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), original(x))
+
+
 def test_meta_pickle_free_in_pt_files(tmp_path: Path, model: torch.nn.Module) -> None:
     save_checkpoint(tmp_path / "m.pt", model.state_dict(), _meta())
     with open(tmp_path / "m.pt", "rb") as fh:
