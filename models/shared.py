@@ -223,16 +223,31 @@ def shared_forward(backbone: Backbone, heads: Mapping[K, Head], x: Tensor, keys:
     groups: dict[K, list[int]] = {}
     for row, key in enumerate(keys):
         groups.setdefault(key, []).append(row)
-    missing = [key for key in groups if key not in heads]
-    if missing:
-        raise KeyError(f"no head for {missing!r} among {list(heads)!r}")
-    if not keys:
-        return []
-    features = backbone(x)
+    logits = heads_forward(backbone, heads, x, groups)
     out: dict[int, Tensor] = {}
     for key, rows in groups.items():
-        mine = features
-        if len(rows) < len(keys):
-            mine = features.index_select(0, torch.tensor(rows, device=features.device))
-        out.update(zip(rows, heads[key](mine).unbind(0), strict=True))
+        out.update(zip(rows, logits[key].unbind(0), strict=True))
     return [out[row] for row in range(len(keys))]
+
+
+def heads_forward(backbone: Backbone, heads: Mapping[K, Head], x: Tensor, rows: Mapping[K, Sequence[int]]) -> dict[K, Tensor]:
+    """The backbone once on ``x``, then each head of ``rows`` on its rows of the features.
+
+    ``rows[k]`` are the images (row numbers of ``x``) that head ``k`` answers; an image may be
+    answered by several heads (a canary shadowing the stable head costs one more head, not one
+    more backbone pass). Returns ``{k: logits (len(rows[k]), C_k)}`` for every key with rows.
+    Raises KeyError for a key that ``heads`` lacks, IndexError for a row outside ``x``.
+    """
+    missing = [key for key in rows if key not in heads]
+    if missing:
+        raise KeyError(f"no head for {missing!r} among {list(heads)!r}")
+    outside = [row for wanted in rows.values() for row in wanted if not 0 <= row < x.shape[0]]
+    if outside:
+        raise IndexError(f"rows {outside} outside a batch of {x.shape[0]} images")
+    if not any(rows.values()):
+        return {}
+    features = backbone(x)
+    everything = list(range(x.shape[0]))
+    return {key: heads[key](features if list(wanted) == everything
+                            else features.index_select(0, torch.tensor(list(wanted), device=features.device)))
+            for key, wanted in rows.items() if wanted}

@@ -18,6 +18,7 @@ from models.shared import (
     backbone_version,
     head_from_state,
     head_state,
+    heads_forward,
     shared_forward,
     split_classifier,
     split_from_state,
@@ -165,6 +166,30 @@ def test_shared_forward_refuses_what_it_cannot_run() -> None:
         shared_forward(backbone, {"a": head}, x, ["a"])
     with pytest.raises(KeyError, match=r"no head for \['b'\] among \['a'\]"):
         shared_forward(backbone, {"a": head}, x, ["a", "b"])
+
+
+def test_heads_forward_runs_one_image_through_several_heads_on_one_backbone_pass() -> None:
+    """A canary shadowing the stable head: the same rows through two heads, the backbone once."""
+    torch.manual_seed(0)
+    stable = build_classifier("resnet18", 3).eval()
+    canary = build_classifier("resnet18", 5).eval()
+    canary.load_state_dict({**canary.state_dict(), **backbone_state("resnet18", stable.state_dict())})
+    meta = CheckpointMeta.for_arch("resnet18", classes(5))
+    backbone, head = split_classifier(stable, "resnet18")
+    heads = {"stable": head, "canary": head_from_state(backbone, canary.state_dict(), meta)}
+    passes = []
+    backbone.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        expected_canary = canary(x[[1, 3]])
+        got = heads_forward(backbone, heads, x, {"stable": [0, 1, 2, 3], "canary": [1, 3]})
+        expected_stable = nn.Sequential(backbone, head)(x)
+    assert passes == [4, 4]  # heads_forward's one pass, then the reference
+    torch.testing.assert_close(got["stable"], expected_stable, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["canary"], expected_canary, atol=1e-4, rtol=0)
+    assert heads_forward(backbone, heads, x, {"stable": [], "canary": []}) == {}
+    with pytest.raises(IndexError, match=r"^rows \[4\] outside a batch of 4 images$"):
+        heads_forward(backbone, heads, x, {"stable": [4]})
 
 
 def test_head_from_state_refuses_a_head_that_does_not_fit() -> None:
