@@ -80,8 +80,9 @@ class _ShutdownSignals:
 
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code. Raises ValueError for bad settings."""
-    if not settings.checkpoint and not settings.rollout_file:
-        raise ValueError("nothing to serve: pass --checkpoint (or --rollout-file), or set HEADSWAP_CHECKPOINT")
+    if not settings.checkpoint and not settings.model and not settings.rollout_file:
+        raise ValueError("nothing to serve: pass --checkpoint or --model NAME=CHECKPOINT (or --rollout-file), "
+                         "or set HEADSWAP_CHECKPOINT")
     runtime, owned = (Path(settings.state_dir), False) if settings.state_dir else (Path(tempfile.mkdtemp(prefix="headswap-state-")), True)
     try:
         return _serve(settings, runtime)
@@ -108,7 +109,6 @@ def _serve(settings: Settings, runtime: Path) -> int:
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
                             validate=check_servable, rollout=rollout, metrics=metrics, swap_timeout_s=settings.swap_timeout_s)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
-    model_name = settings.model_name or state.stable.meta.get("name") or state.stable.meta["arch"]
     server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers))
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     readiness = Readiness(server, expected, shared)
@@ -116,18 +116,18 @@ def _serve(settings: Settings, runtime: Path) -> int:
                             settings.timeout_s, settings.decode_threads, metrics=metrics,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
-    plane = DataPlane(dispatcher, model_name, shared, is_ready=readiness.ready, is_serving=readiness.serving,
+    plane = DataPlane(dispatcher, shared, is_ready=readiness.ready, is_serving=readiness.serving,
                       metrics=metrics, guard=guard, controller=controller)
     collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
     server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics)  # outside routing: cheap 503s
-    sidecars = _sidecars(settings, controller, shared, model_name, metrics_route, server.app)
+    sidecars = _sidecars(settings, controller, shared, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
     threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop, rollout_stamp), daemon=True)] if rollout else []
-    threading.Thread(target=_after_start, args=(settings, model_name, state.stable.version, readiness, sidecars, threads),
-                     daemon=True).start()
+    served = ", ".join(f"{name} (version {model.stable.version})" for name, model in state.models.items())
+    threading.Thread(target=_after_start, args=(settings, served, readiness, sidecars, threads), daemon=True).start()
     try:
         server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False)
     finally:
@@ -239,13 +239,13 @@ def _metrics_route(collector: StateCollector):
     return metrics
 
 
-def _sidecars(settings: Settings, controller: Controller, shared: SharedState, model_name: str,
-              metrics_route: object, app: FastAPI) -> list[SidecarServer]:
+def _sidecars(settings: Settings, controller: Controller, shared: SharedState, metrics_route: object,
+              app: FastAPI) -> list[SidecarServer]:
     """Admin on the main app or its own port; /metrics also on its own port if asked."""
     sidecars = []
     token = settings.admin_secret()
     if token:
-        admin = AdminRoutes(token, controller, shared, model_name, {
+        admin = AdminRoutes(token, controller, shared, {
             "window": settings.guard_window, "max_error_rate": settings.guard_max_error_rate,
             "min_agreement": settings.guard_min_agreement})
         if settings.admin_port:
@@ -261,7 +261,7 @@ def _sidecars(settings: Settings, controller: Controller, shared: SharedState, m
     return sidecars
 
 
-def _after_start(settings: Settings, model_name: str, version: str, readiness: Readiness,
+def _after_start(settings: Settings, served: str, readiness: Readiness,
                  sidecars: list[SidecarServer], threads: list[threading.Thread]) -> None:
     """Once every worker is ready and the API servers answer (so no thread runs across their
     fork), start the side servers (their sockets are bound already) and, once they answer, say
@@ -277,7 +277,7 @@ def _after_start(settings: Settings, model_name: str, version: str, readiness: R
     readiness.listening()
     for thread in threads:
         thread.start()
-    log.info("headswap serving %s (version %s) at %s", model_name, version, url)
+    log.info("headswap serving %s at %s", served, url)
 
 
 def _answers(url: str) -> bool:

@@ -21,6 +21,7 @@ from pydantic import AliasGenerator, Field, ValidationError, field_validator, mo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a served model's name: in URL paths and metric labels
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # pydantic alone would take "80.0" for an int
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("headswap_environ", default=None)
@@ -48,7 +49,9 @@ class Settings(BaseSettings):
         alias_generator=AliasGenerator(validation_alias=env_name),
     )
 
-    checkpoint: str = _opt("", "checkpoint to serve (.safetensors or .pt)")
+    checkpoint: str = _opt("", "checkpoint to serve (.safetensors or .pt), as one model named after its metadata")
+    model: list[str] = _opt([], "serve a checkpoint as model NAME: NAME=CHECKPOINT, repeatable (env: a JSON list); the "
+                            "first model given (--checkpoint, else the first --model) is the default one, POST /predict")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
     model_name: str = _opt("", "model name in answers and V2 paths (default: the checkpoint's name)")
@@ -148,9 +151,15 @@ class Settings(BaseSettings):
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, found {getattr(self, name)!r}")
+        problems += _model_problems(self.model, self.model_name)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def named_models(self) -> list[tuple[str, str]]:
+        """``--model NAME=CHECKPOINT`` as (name, checkpoint) pairs, in order."""
+        return [(name, checkpoint) for name, _, checkpoint in (entry.partition("=") for entry in self.model)]
 
     @property
     def queue_bound(self) -> int | None:
@@ -163,7 +172,20 @@ class Settings(BaseSettings):
     @property
     def store(self) -> Path:
         """The checkpoint store: ``checkpoint_dir``, else the served checkpoint's folder."""
-        return Path(self.checkpoint_dir or Path(self.checkpoint).parent).resolve()
+        first = self.checkpoint or (self.named_models[0][1] if self.model else "")
+        return Path(self.checkpoint_dir or Path(first).parent).resolve()
+
+
+def _model_problems(entries: list[str], model_name: str) -> list[str]:
+    problems, names = [], [model_name] if model_name else []
+    for entry in entries:
+        name, eq, checkpoint = entry.partition("=")
+        if not eq or not checkpoint or not MODEL_NAME.fullmatch(name):
+            problems.append(f"model must be NAME=CHECKPOINT with NAME 1-64 of A-Z a-z 0-9 _ . -, found {entry!r}")
+        elif name in names:
+            problems.append(f"model name {name!r} is given twice")
+        names.append(name)
+    return problems
 
 
 def _extra(name: str) -> dict[str, Any]:
@@ -203,8 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
     for name in cli_fields():
         info = Settings.model_fields[name]
+        repeated = info.annotation == list[str]
         parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=info.annotation, default=None, choices=_choices(name),
+            f"--{name.replace('_', '-')}", dest=name, type=str if repeated else info.annotation, default=None,
+            choices=_choices(name), action="append" if repeated else "store",
             help=f"{info.description} [env {env_name(name)}; default {info.default!r}]",
         )
 

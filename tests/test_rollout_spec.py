@@ -9,10 +9,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.control.rollout import RolloutFile, RolloutSpec, RolloutSpecError, parse_spec, spec_of
-from service.control.slots import ServingState, SlotSpec
+from service.control.rollout import (
+    DEFAULT_MODEL,
+    ModelSpec,
+    RolloutFile,
+    RolloutSpec,
+    RolloutSpecError,
+    parse_spec,
+    spec_of,
+)
+from service.control.slots import ModelState, ServingState, SlotSpec
 from service.errors import RequestError
 from service.http.errors import status_of
+
+
+def _one(revision: str = "", stable: str = "", **fields: object) -> RolloutSpec:
+    """A single-model spec (the default model's)."""
+    return RolloutSpec(revision, {DEFAULT_MODEL: ModelSpec(stable, **fields)})  # type: ignore[arg-type]
+
+
+def _state(generation: int, revision: str | None = None, **fields: object) -> ServingState:
+    """A serving state of one model, "m"."""
+    return ServingState(generation, {"m": ModelState(**fields)}, "m", revision)  # type: ignore[arg-type]
+
 
 FULL_YAML = """\
 revision: "2026-12-01.1"
@@ -24,7 +43,7 @@ canary: {checkpoint: head-v3.safetensors, mode: merge, weight: 10, shadow: 5, mi
 # --- parse_spec: valid specs -------------------------------------------------------------------
 
 def test_full_yaml_spec() -> None:
-    assert parse_spec(FULL_YAML) == RolloutSpec(
+    assert parse_spec(FULL_YAML) == _one(
         revision="2026-12-01.1", stable="demo-v2.safetensors",
         stable_merges=("head-v2.safetensors", "heads/extra.safetensors"),
         canary="head-v3.safetensors", canary_mode="merge", weight=10, shadow=5, min_match=0.5,
@@ -41,23 +60,24 @@ def test_full_json_spec_equals_the_yaml_one() -> None:
 
 def test_minimal_spec_takes_every_default() -> None:
     spec = parse_spec("stable: {checkpoint: a.safetensors}")
-    assert spec == RolloutSpec(revision="", stable="a.safetensors")
-    assert (spec.stable_merges, spec.canary, spec.canary_mode, spec.weight, spec.shadow, spec.min_match) == (
+    assert spec == _one(revision="", stable="a.safetensors")
+    one = spec.models[DEFAULT_MODEL]
+    assert (one.stable_merges, one.canary, one.canary_mode, one.weight, one.shadow, one.min_match) == (
         (), None, "replace", 0, 0, 0.0)
 
 
 def test_minimal_json_spec() -> None:
-    assert parse_spec('{"stable": {"checkpoint": "a.pt", "mode": "replace", "merge": []}}') == RolloutSpec("", "a.pt")
+    assert parse_spec('{"stable": {"checkpoint": "a.pt", "mode": "replace", "merge": []}}') == _one("", "a.pt")
 
 
 def test_canary_defaults() -> None:
     spec = parse_spec("revision: r1\nstable: {checkpoint: a}\ncanary: {checkpoint: b}\n")
-    assert spec == RolloutSpec(revision="r1", stable="a", canary="b", canary_mode="replace", weight=0, shadow=0,
+    assert spec == _one(revision="r1", stable="a", canary="b", canary_mode="replace", weight=0, shadow=0,
                                min_match=0.0)
 
 
 def test_null_canary_means_no_canary() -> None:
-    assert parse_spec("stable: {checkpoint: a}\ncanary: null\n").canary is None
+    assert parse_spec("stable: {checkpoint: a}\ncanary: null\n").models[DEFAULT_MODEL].canary is None
 
 
 def test_numeric_revision_is_kept_as_text() -> None:
@@ -67,26 +87,30 @@ def test_numeric_revision_is_kept_as_text() -> None:
 @pytest.mark.parametrize("weight", [0, 1, 50, 100])
 def test_weight_bounds_are_inclusive(weight: int) -> None:
     spec = parse_spec(f"stable: {{checkpoint: a}}\ncanary: {{checkpoint: b, weight: {weight}, shadow: {weight}}}")
-    assert (spec.weight, spec.shadow) == (weight, weight)
+    assert (spec.models[DEFAULT_MODEL].weight, spec.models[DEFAULT_MODEL].shadow) == (weight, weight)
 
 
 @pytest.mark.parametrize("min_match", [0, 1, 0.25])
 def test_min_match_bounds_are_inclusive(min_match: float) -> None:
     spec = parse_spec(f"stable: {{checkpoint: a}}\ncanary: {{checkpoint: b, min_match: {min_match}}}")
-    assert spec.min_match == min_match
+    assert spec.models[DEFAULT_MODEL].min_match == min_match
 
 
 # --- parse_spec: every refusal -----------------------------------------------------------------
 
 CANARY = "stable: {checkpoint: a}\ncanary: "
+NEITHER = "give either 'models' (a mapping of model names) or 'stable' (one model), not both or neither"
 BAD_SPECS = [
     # (text, exact message after "rollout spec: ")
-    ("- a\n- b\n", "expected a mapping with 'stable', found list"),
-    ("42", "expected a mapping with 'stable', found int"),
-    ("just text", "expected a mapping with 'stable', found str"),
-    ("", "expected a mapping with 'stable', found NoneType"),
+    ("- a\n- b\n", "expected a mapping with 'models' or 'stable', found list"),
+    ("42", "expected a mapping with 'models' or 'stable', found int"),
+    ("just text", "expected a mapping with 'models' or 'stable', found str"),
+    ("", "expected a mapping with 'models' or 'stable', found NoneType"),
     ("stable: {checkpoint: a}\nweights: 3\nzzz: 1\n", "unknown keys ['weights', 'zzz']"),
-    ("revision: r", "stable must be a mapping with 'checkpoint'"),
+    ("revision: r", NEITHER),
+    ("stable: {checkpoint: a}\nmodels: {m: {stable: {checkpoint: a}}}", NEITHER),
+    ("models: [a, b]", "models must be a mapping of model names to entries with 'stable'"),
+    ("models: {}", "'models' names no model"),
     ("stable: a.safetensors", "stable must be a mapping with 'checkpoint'"),
     ("stable: {checkpoint: a, path: b}", "stable has unknown keys ['path']"),
     ("stable: {}", "stable.checkpoint must be a checkpoint name in the store"),
@@ -151,8 +175,8 @@ def test_min_match_bool_is_refused() -> None:
 
 
 def test_where_prefixes_the_message() -> None:
-    with pytest.raises(RolloutSpecError, match=r"^rollout file r\.yaml: stable must be a mapping with 'checkpoint'$"):
-        parse_spec("{}", where="rollout file r.yaml")
+    with pytest.raises(RolloutSpecError, match=r"^rollout file r\.yaml: stable\.checkpoint must be a checkpoint name"):
+        parse_spec("stable: {}", where="rollout file r.yaml")
 
 
 # --- spec_of -----------------------------------------------------------------------------------
@@ -162,47 +186,47 @@ def _slot(checkpoint: str, *merges: str, version: str = "v") -> SlotSpec:
 
 
 def test_spec_of_stable_only_names_the_generation_when_there_is_no_revision() -> None:
-    state = ServingState(generation=3, stable=_slot("base.safetensors", "head-a.safetensors"))
-    assert spec_of(state) == RolloutSpec(revision="generation-3", stable="base.safetensors",
+    state = _state(generation=3, stable=_slot("base.safetensors", "head-a.safetensors"))
+    assert spec_of(state) == _one(revision="generation-3", stable="base.safetensors",
                                          stable_merges=("head-a.safetensors",))
 
 
 def test_spec_of_keeps_the_revision() -> None:
-    state = ServingState(generation=3, stable=_slot("base"), revision="2026-12-01.1")
+    state = _state(generation=3, stable=_slot("base"), revision="2026-12-01.1")
     assert spec_of(state).revision == "2026-12-01.1"
 
 
 def test_spec_of_merge_canary_on_plain_stable() -> None:
-    state = ServingState(generation=2, stable=_slot("base"), canary=_slot("base", "head-v3", version="c"),
+    state = _state(generation=2, stable=_slot("base"), canary=_slot("base", "head-v3", version="c"),
                          weight=10, shadow=5)
-    assert spec_of(state) == RolloutSpec(revision="generation-2", stable="base", canary="head-v3", canary_mode="merge",
+    assert spec_of(state) == _one(revision="generation-2", stable="base", canary="head-v3", canary_mode="merge",
                                          weight=10, shadow=5)
 
 
 def test_spec_of_merge_canary_on_merged_stable() -> None:
-    state = ServingState(generation=4, stable=_slot("base", "head-a"), canary=_slot("base", "head-a", "head-b"),
+    state = _state(generation=4, stable=_slot("base", "head-a"), canary=_slot("base", "head-a", "head-b"),
                          weight=25, shadow=0)
-    assert spec_of(state) == RolloutSpec(revision="generation-4", stable="base", stable_merges=("head-a",),
+    assert spec_of(state) == _one(revision="generation-4", stable="base", stable_merges=("head-a",),
                                          canary="head-b", canary_mode="merge", weight=25)
 
 
 def test_spec_of_replace_canary() -> None:
-    state = ServingState(generation=5, stable=_slot("base", "head-a"), canary=_slot("other"), weight=50, shadow=100)
-    assert spec_of(state) == RolloutSpec(revision="generation-5", stable="base", stable_merges=("head-a",),
+    state = _state(generation=5, stable=_slot("base", "head-a"), canary=_slot("other"), weight=50, shadow=100)
+    assert spec_of(state) == _one(revision="generation-5", stable="base", stable_merges=("head-a",),
                                          canary="other", canary_mode="replace", weight=50, shadow=100)
 
 
 def test_spec_of_canary_of_the_stable_checkpoint_itself_is_a_replace() -> None:
-    state = ServingState(generation=6, stable=_slot("base"), canary=_slot("base"), weight=1)
-    spec = spec_of(state)
+    state = _state(generation=6, stable=_slot("base"), canary=_slot("base"), weight=1)
+    spec = spec_of(state).models[DEFAULT_MODEL]
     assert (spec.canary, spec.canary_mode, spec.weight) == ("base", "replace", 1)
 
 
 @pytest.mark.parametrize("state", [
-    ServingState(generation=2, stable=_slot("base"), canary=_slot("base", "head-v3"), weight=10, shadow=5),
-    ServingState(generation=2, stable=_slot("base", "a", "b"), canary=_slot("base", "a", "b", "c"), weight=99),
-    ServingState(generation=2, stable=_slot("base", "a"), canary=_slot("x"), weight=3, shadow=7),
-    ServingState(generation=9, stable=_slot("base", "a"), revision="r9"),
+    _state(generation=2, stable=_slot("base"), canary=_slot("base", "head-v3"), weight=10, shadow=5),
+    _state(generation=2, stable=_slot("base", "a", "b"), canary=_slot("base", "a", "b", "c"), weight=99),
+    _state(generation=2, stable=_slot("base", "a"), canary=_slot("x"), weight=3, shadow=7),
+    _state(generation=9, stable=_slot("base", "a"), revision="r9"),
 ])
 def test_spec_of_round_trips_through_the_text_form(state: ServingState) -> None:
     spec = spec_of(state)
@@ -213,14 +237,14 @@ def test_spec_of_round_trips_through_the_text_form(state: ServingState) -> None:
 def test_spec_of_tells_apart_canaries_that_serve_different_weights() -> None:
     # canary loaded as base+b (merge onto a plain stable), then stable loaded as base+a (merge):
     # the canary still serves base+b, which is not what a canary of plain base serves
-    merged = ServingState(generation=3, stable=_slot("base", "a"), canary=_slot("base", "b"), weight=10)
-    plain = ServingState(generation=3, stable=_slot("base", "a"), canary=_slot("base"), weight=10)
+    merged = _state(generation=3, stable=_slot("base", "a"), canary=_slot("base", "b"), weight=10)
+    plain = _state(generation=3, stable=_slot("base", "a"), canary=_slot("base"), weight=10)
     assert spec_of(merged) != spec_of(plain)
 
 
 # --- RolloutFile -------------------------------------------------------------------------------
 
-SPEC = RolloutSpec(revision="2026-12-01", stable="base.safetensors", stable_merges=("head-a.safetensors",),
+SPEC = _one(revision="2026-12-01", stable="base.safetensors", stable_merges=("head-a.safetensors",),
                    canary="head-b.safetensors", canary_mode="merge", weight=10, shadow=5, min_match=0.75)
 
 
@@ -327,3 +351,53 @@ def test_writable(tmp_path: Path) -> None:
     if os.geteuid() != 0:  # root can write anything
         path.chmod(0o444)
         assert RolloutFile(path).writable() is False
+
+
+# --- many models -------------------------------------------------------------------------------
+
+MODELS_YAML = """\
+revision: r2
+models:
+  shapes:
+    stable: {checkpoint: shapes.safetensors}
+    canary: {checkpoint: head-v3.safetensors, mode: merge, weight: 10, shadow: 100}
+  glyphs:
+    stable: {checkpoint: shapes.safetensors, merge: [glyphs-head.safetensors]}
+"""
+
+
+def test_models_form_keeps_every_entry_in_order() -> None:
+    spec = parse_spec(MODELS_YAML)
+    assert spec == RolloutSpec("r2", {
+        "shapes": ModelSpec("shapes.safetensors", canary="head-v3.safetensors", canary_mode="merge", weight=10, shadow=100),
+        "glyphs": ModelSpec("shapes.safetensors", stable_merges=("glyphs-head.safetensors",)),
+    })
+    assert list(spec.models) == ["shapes", "glyphs"]  # the first is the default model
+
+
+def test_a_malformed_entry_is_refused_alone() -> None:
+    spec = parse_spec(MODELS_YAML + "  broken:\n    stable: {checkpoint: a, weight: 3}\n"
+                      "  'bad name':\n    stable: {checkpoint: a}\n  late: {stable: {checkpoint: late.safetensors}}\n")
+    assert list(spec.models) == ["shapes", "glyphs", "late"]
+    assert spec.errors == {
+        "broken": "rollout spec: models.broken: stable has unknown keys ['weight']",
+        "bad name": "rollout spec: models.bad name: a model name is 1-64 of A-Z a-z 0-9 _ . -",
+    }
+
+
+def test_spec_of_many_models_round_trips() -> None:
+    state = ServingState(3, {"shapes": ModelState(_slot("base"), canary=_slot("base", "head"), weight=5),
+                             "glyphs": ModelState(_slot("base", "glyphs"))}, "shapes", "r3")
+    spec = spec_of(state)
+    assert spec == RolloutSpec("r3", {"shapes": ModelSpec("base", canary="head", canary_mode="merge", weight=5),
+                                      "glyphs": ModelSpec("base", stable_merges=("glyphs",))})
+    assert parse_spec(yaml.safe_dump(spec.to_dict(), sort_keys=False)) == spec
+
+
+def test_spec_of_one_model_is_the_single_model_form() -> None:
+    assert "models" not in spec_of(_state(1, stable=_slot("base"))).to_dict()
+
+
+def test_spec_of_names_the_default_model_first() -> None:
+    state = ServingState(3, {"a": ModelState(_slot("a")), "z": ModelState(_slot("z"))}, "z")
+    assert list(spec_of(state).models) == ["z", "a"]

@@ -8,13 +8,13 @@ import multiprocessing
 import os
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from models import CheckpointMeta
-from service.control.slots import SLOT_NAMES, ServingState, SharedState, SlotSpec, WorkerAck, atomic_write
+from service.control.slots import SLOT_NAMES, ModelState, ServingState, SharedState, SlotSpec, WorkerAck, atomic_write
 from tests.conftest import CLASSES7
 
 META = CheckpointMeta.for_arch("resnet18", CLASSES7, created_at="2026-01-01T00:00:00Z").to_dict()
@@ -24,16 +24,23 @@ def _slot(checkpoint: str = "base.safetensors", *merges: str, version: str = "aa
     return SlotSpec(checkpoint=checkpoint, merges=merges, version=version, meta=META, loaded_at="2026-01-02T03:04:05Z")
 
 
-FULL = ServingState(
-    generation=7,
+SHAPES = ModelState(
     stable=_slot("base.safetensors", "head-a.safetensors", version="111111111111"),
     canary=SlotSpec(checkpoint="base.safetensors", merges=("head-a.safetensors", "head-b.safetensors"),
                     version="222222222222", meta=META, loaded_at="t",
-                    merge_report={"merged": ["fc.weight", "fc.bias"], "skipped": []}),
+                    merge_report={"merged": ["fc.weight", "fc.bias"], "skipped": []}, backbone="bbbbbbbbbbbb"),
     weight=10, shadow=5,
     previous_stable=_slot("old.safetensors", version="000000000000"),
-    revision="2026-12-01.1", rollout_error="rollout spec not applied: boom",
 )
+FULL = ServingState(
+    generation=7, models={"shapes": SHAPES, "glyphs": ModelState(stable=_slot("glyphs.safetensors", version="333333333333"),
+                                                                 rollout_error="bad entry")},
+    default="shapes", revision="2026-12-01.1", rollout_error="rollout spec not applied: boom",
+)
+
+
+def _weighted(weight: int) -> ServingState:
+    return FULL.with_model("shapes", replace(SHAPES, weight=weight))
 
 
 @pytest.fixture()
@@ -46,19 +53,19 @@ def shared(tmp_path: Path) -> SharedState:
 # --- SlotSpec and ServingState -----------------------------------------------------------------
 
 def test_slot_public_fields() -> None:
-    slot = FULL.canary
+    slot = SHAPES.canary
     assert slot is not None
     assert slot.public() == {
         "checkpoint": "base.safetensors", "merges": ["head-a.safetensors", "head-b.safetensors"],
         "version": "222222222222", "arch": "resnet18", "num_classes": 7, "class_names": CLASSES7,
-        "loaded_at": "t", "merge_report": {"merged": ["fc.weight", "fc.bias"], "skipped": []},
+        "loaded_at": "t", "merge_report": {"merged": ["fc.weight", "fc.bias"], "skipped": []}, "backbone": "bbbbbbbbbbbb",
     }
 
 
 def test_slot_public_without_meta() -> None:
     assert SlotSpec(checkpoint="a.pt").public() == {
         "checkpoint": "a.pt", "merges": [], "version": "", "arch": None, "num_classes": None, "class_names": None,
-        "loaded_at": "", "merge_report": None,
+        "loaded_at": "", "merge_report": None, "backbone": "",
     }
 
 
@@ -71,25 +78,40 @@ def test_slot_checkpoint_meta() -> None:
 def test_state_json_round_trip() -> None:
     text = FULL.to_json()
     assert ServingState.from_dict(json.loads(text)) == FULL
-    assert json.loads(text)["canary"]["merges"] == ["head-a.safetensors", "head-b.safetensors"]
+    assert json.loads(text)["models"]["shapes"]["canary"]["merges"] == ["head-a.safetensors", "head-b.safetensors"]
 
 
 def test_state_json_round_trip_without_optional_slots() -> None:
-    state = ServingState(generation=1, stable=_slot())
+    state = ServingState(generation=1, models={"m": ModelState(stable=_slot())}, default="m")
     back = ServingState.from_dict(json.loads(state.to_json()))
     assert back == state
-    assert back.canary is None and back.previous_stable is None
-    assert back.stable.merges == ()
+    assert back.model().canary is None and back.model().previous_stable is None
+    assert back.model("m").stable.merges == ()
+
+
+def test_state_of_an_earlier_release_reads_as_one_model_named_by_its_metadata() -> None:
+    old = {"generation": 4, "stable": asdict(_slot(version="111111111111")), "canary": None, "weight": 0, "shadow": 0,
+           "previous_stable": None, "revision": "r1", "rollout_error": "boom"}
+    state = ServingState.from_dict(json.loads(json.dumps(old)))
+    assert state == ServingState(generation=4, models={"resnet18": ModelState(stable=_slot(version="111111111111"))},
+                                 default="resnet18", revision="r1", rollout_error="boom")
 
 
 def test_slots_and_next() -> None:
     assert SLOT_NAMES == ("stable", "canary")
-    assert FULL.slots() == {"stable": FULL.stable, "canary": FULL.canary}
-    plain = ServingState(generation=1, stable=_slot())
+    assert SHAPES.slots() == {"stable": SHAPES.stable, "canary": SHAPES.canary}
+    plain = ModelState(stable=_slot())
     assert plain.slots() == {"stable": plain.stable}
-    after = FULL.next(weight=50)
-    assert (after.generation, after.weight, after.shadow, after.canary) == (8, 50, 5, FULL.canary)
-    assert FULL.generation == 7  # frozen: next() makes a new state
+    after = FULL.with_model("shapes", replace(SHAPES, weight=50))
+    assert (after.generation, after.model().weight, after.model().shadow, after.model().canary) == (8, 50, 5, SHAPES.canary)
+    assert FULL.generation == 7 and FULL.model().weight == 10  # frozen: with_model() makes a new state
+    assert list(after.models) == ["shapes", "glyphs"]  # a changed model keeps its place
+    assert [(m, slot, spec.version) for m, slot, spec in FULL.served()] == [
+        ("shapes", "stable", "111111111111"), ("shapes", "canary", "222222222222"), ("glyphs", "stable", "333333333333")]
+    removed = FULL.with_model("glyphs", None)
+    assert list(removed.models) == ["shapes"] and removed.generation == 8
+    with pytest.raises(KeyError):
+        FULL.model("nope")
 
 
 # --- SharedState read and write ----------------------------------------------------------------
@@ -122,20 +144,20 @@ def test_read_is_cached_until_the_file_changes(shared: SharedState) -> None:
 def test_read_sees_a_same_size_write_with_the_same_mtime(shared: SharedState) -> None:
     # weight 10 -> 20: same size; pin the mtime too, as a coarse clock would in one tick
     shared.write(FULL)
-    assert shared.read().weight == 10
+    assert shared.read().model().weight == 10
     mtime = os.stat(shared.path).st_mtime_ns
     size = os.stat(shared.path).st_size
-    shared.write(replace(FULL, weight=20))
+    shared.write(replace(FULL, models={**FULL.models, "shapes": replace(SHAPES, weight=20)}))
     os.utime(shared.path, ns=(mtime, mtime))
     assert os.stat(shared.path).st_size == size
-    assert shared.read().weight == 20  # the new file has a new inode
+    assert shared.read().model().weight == 20  # the new file has a new inode
 
 
 def test_reads_follow_many_quick_writes(shared: SharedState) -> None:
     reader = SharedState(shared.root)
     for weight in range(10, 100):  # all two-digit weights: every file has the same size
-        shared.write(FULL.next(weight=weight))
-        assert reader.read().weight == weight
+        shared.write(_weighted(weight))
+        assert reader.read().model().weight == weight
 
 
 def test_read_of_a_missing_state_raises(shared: SharedState) -> None:
@@ -243,7 +265,7 @@ def test_lock_serialises_processes(shared: SharedState) -> None:
 
 def _ack(worker: str, generation: int, error: str | None = None) -> WorkerAck:
     return WorkerAck(worker=worker, pid=1000 + int(worker[-1]), generation=generation,
-                     versions={"stable": "111111111111"}, error=error)
+                     versions={"shapes": {"stable": "111111111111"}}, error=error)
 
 
 def test_ack_round_trip(shared: SharedState) -> None:
@@ -336,17 +358,17 @@ def test_read_sees_two_same_size_writes_within_one_clock_tick(shared: SharedStat
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     shared.write(FULL)
     reader = SharedState(shared.root)
-    assert reader.read().weight == 10
+    assert reader.read().model().weight == 10
     first = os.stat(shared.path)
     monkeypatch.setattr(os, "fdopen", lambda fd, mode="r": _FrozenClockFile(fd, first.st_mtime_ns))
-    shared.write(FULL.next(weight=20))
-    shared.write(FULL.next(weight=30).next())  # generation 9, weight 30: the same size as the first file
+    shared.write(_weighted(20))
+    shared.write(_weighted(30).next())  # generation 9, weight 30: the same size as the first file
     monkeypatch.undo()
     now = os.stat(shared.path)
     assert now.st_size == first.st_size
     if now.st_ino != first.st_ino:
         pytest.skip("this file system did not reuse the inode, so the cache key differs anyway")
-    assert reader.read().weight == 30
+    assert reader.read().model().weight == 30
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temp_file(tmp_path: Path) -> None:

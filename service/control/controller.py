@@ -21,7 +21,9 @@ import torch
 
 from models import (
     CheckpointError,
+    CheckpointMeta,
     IncompatibleCheckpointError,
+    get_spec,
     load_checkpoint,
     merge_state,
     save_checkpoint,
@@ -29,13 +31,15 @@ from models import (
 )
 from models.checkpoint import utc_now
 from models.merge import MergeReport
+from models.shared import backbone_version
 from service.control.audit import AuditLog
 from service.control.memory import release_freed_memory
-from service.control.rollout import RolloutFile, RolloutSpec, spec_of
-from service.control.slots import ServingState, SharedState, SlotSpec
+from service.control.rollout import DEFAULT_MODEL, ModelSpec, RolloutFile, RolloutSpec, spec_of
+from service.control.slots import ModelState, ServingState, SharedState, SlotSpec
 from service.control.store import CheckpointStore
-from service.errors import Conflict, InternalError, RequestError, Unprocessable
+from service.errors import Conflict, InternalError, NotFound, RequestError, Unprocessable
 from service.observability.metrics import Metrics
+from service.protocols.admin import check_model_name
 
 log = logging.getLogger("headswap.controller")
 
@@ -47,6 +51,7 @@ class LoadRequest:
     mode: str = "replace"
     min_match: float = 0.0
     allow_new_classes: bool = False
+    model: str | None = None  # None: the default model
 
 
 @dataclass
@@ -87,9 +92,10 @@ class Controller:
             state, meta, report = base.state, base.meta, None
             for name in merges:
                 part = load_checkpoint(self.store.resolve(name), private=True)
-                if (part.meta.arch, part.meta.num_classes) != (meta.arch, meta.num_classes):
-                    raise Conflict(f"{name!r} is {part.meta.arch} with {part.meta.num_classes} classes; a merge needs "
-                                   f"{meta.arch} with {meta.num_classes}", reason="incompatible")
+                if part.meta.arch != meta.arch:
+                    raise Conflict(f"{name!r} is {part.meta.arch}; a merge needs {meta.arch}", reason="incompatible")
+                if part.meta.num_classes != meta.num_classes:
+                    state, meta = _with_new_head(name, state, meta, part.state, part.meta)
                 state, report = merge_state(state, part.state, min_match=min_match)
                 meta = replace(meta, parent_version=state_version(base.state))
         except IncompatibleCheckpointError as exc:
@@ -103,7 +109,8 @@ class Controller:
         if not blob.exists():
             save_checkpoint(blob, state, meta)
         spec = SlotSpec(checkpoint=checkpoint, merges=tuple(merges), version=version, meta=meta.to_dict(),
-                        loaded_at=utc_now(), merge_report=report.summary() if report else None)
+                        loaded_at=utc_now(), merge_report=report.summary() if report else None,
+                        backbone=backbone_version(meta.arch, state))
         return Candidate(spec, report)
 
     def _validate_weights(self, state: dict[str, torch.Tensor], meta: Any, version: str) -> None:
@@ -125,16 +132,52 @@ class Controller:
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            candidate = self._candidate(req, current)
-            slot_change = {req.slot: candidate.spec}
+            name = _name_of(current, req.model)
+            model = current.model(name)
+            candidate = self._candidate(req, model)
+            change = {req.slot: candidate.spec}
             if req.slot == "stable":
-                slot_change["previous_stable"] = current.stable
-            new = current.next(**slot_change)
-            result = self._commit(current, new, action="load", caller=caller, slot=req.slot,
+                change["previous_stable"] = model.stable
+            new = current.with_model(name, replace(model, **change))
+            result = self._commit(current, new, name, action="load", caller=caller, slot=req.slot,
                                   checkpoint=req.checkpoint, report=candidate.report, called=called)
         return {**result, "merge_report": candidate.report.to_dict() if candidate.report else None}
 
-    def _candidate(self, req: LoadRequest, current: ServingState) -> Candidate:
+    def add_model(self, name: str, checkpoint: str, merges: tuple[str, ...], caller: str) -> dict[str, Any]:
+        """Serve ``checkpoint`` (with ``merges``) as model ``name``: a new model, or a new stable
+        version of a served one (validated as ``load`` does, class count free). Raises RequestError."""
+        called = time.monotonic()
+        check_model_name(name)
+        with self.shared.lock():
+            current = self.shared.read()
+            self._require_mutable()
+            candidate = self._timed_materialize("stable", checkpoint, merges, 0.0)
+            model = current.models.get(name)
+            if model is None:
+                new = current.with_model(name, ModelState(stable=candidate.spec))
+            else:
+                got, want = candidate.spec.meta, model.stable.meta
+                if (got["arch"], got["num_classes"]) != (want["arch"], want["num_classes"]):
+                    self._reject("stable", checkpoint, Conflict(
+                        f"{got['arch']} with {got['num_classes']} classes does not match model {name!r}'s {want['arch']} "
+                        f"with {want['num_classes']}: unload it first to serve another kind of model under its name",
+                        reason="arch" if got["arch"] != want["arch"] else "classes"), merges)
+                new = current.with_model(name, replace(model, stable=candidate.spec, previous_stable=model.stable))
+            return self._commit(current, new, name, action="repository_load", caller=caller, slot="stable",
+                                checkpoint=checkpoint, report=candidate.report, called=called)
+
+    def remove_model(self, name: str, caller: str) -> dict[str, Any]:
+        """Stop serving model ``name``. Raises NotFound, or Conflict for the default model while others remain."""
+        with self.shared.lock():
+            current = self.shared.read()
+            self._require_mutable()
+            _name_of(current, name)
+            if name == current.default:
+                raise Conflict(f"{name!r} is the default model (POST /predict): unload the other models first, "
+                               f"or load another model under its name", reason="default_model")
+            return self._commit(current, current.with_model(name, None), name, action="unload", caller=caller)
+
+    def _candidate(self, req: LoadRequest, current: ModelState) -> Candidate:
         if req.mode == "merge":
             base = current.stable
             candidate = self._timed_materialize(req.slot, base.checkpoint, base.merges + (req.checkpoint,), req.min_match)
@@ -168,61 +211,102 @@ class Controller:
         self._count_swap(slot, "rejected")
         raise exc
 
-    def set_canary(self, weight: int, shadow: int, caller: str) -> dict[str, Any]:
+    def set_canary(self, weight: int | None, shadow: int | None, caller: str, model: str | None = None) -> dict[str, Any]:
+        """Set model ``model``'s canary weight and shadow share (None: unchanged)."""
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            if current.canary is None and (weight or shadow):
+            name = _name_of(current, model)
+            served = current.model(name)
+            weight = served.weight if weight is None else weight
+            shadow = served.shadow if shadow is None else shadow
+            if served.canary is None and (weight or shadow):
                 raise Conflict("no canary loaded: POST /admin/load with slot 'canary' first", reason="no_canary")
-            return self._commit(current, current.next(weight=weight, shadow=shadow), action="canary", caller=caller)
+            new = current.with_model(name, replace(served, weight=weight, shadow=shadow))
+            return self._commit(current, new, name, action="canary", caller=caller)
 
-    def promote(self, caller: str) -> dict[str, Any]:
+    def promote(self, caller: str, model: str | None = None) -> dict[str, Any]:
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            if current.canary is None:
+            name = _name_of(current, model)
+            served = current.model(name)
+            if served.canary is None:
                 raise Conflict("no canary to promote", reason="no_canary")
-            new = current.next(stable=current.canary, canary=None, weight=0, shadow=0, previous_stable=current.stable)
-            return self._commit(current, new, action="promote", caller=caller, slot="stable")
+            new = current.with_model(name, replace(served, stable=served.canary, canary=None, weight=0, shadow=0,
+                                                   previous_stable=served.stable))
+            return self._commit(current, new, name, action="promote", caller=caller, slot="stable")
 
-    def rollback(self, caller: str, reason: str = "manual") -> dict[str, Any]:
+    def rollback(self, caller: str, reason: str = "manual", model: str | None = None) -> dict[str, Any]:
         with self.shared.lock():
             current = self.shared.read()
             if reason == "manual":
                 self._require_mutable()
-            if current.canary is not None:
-                new = current.next(canary=None, weight=0, shadow=0)
-            elif reason == "manual" and current.previous_stable is not None:
-                new = current.next(stable=current.previous_stable, previous_stable=current.stable)
+            name = _name_of(current, model)
+            served = current.model(name)
+            if served.canary is not None:
+                changed = replace(served, canary=None, weight=0, shadow=0)
+            elif reason == "manual" and served.previous_stable is not None:
+                changed = replace(served, stable=served.previous_stable, previous_stable=served.stable)
             else:
                 raise Conflict("nothing to roll back: no canary and no previous stable version", reason="nothing")
-            result = self._commit(current, new, action=f"rollback:{reason}", caller=caller)
+            result = self._commit(current, current.with_model(name, changed), name, action=f"rollback:{reason}", caller=caller)
         if self.metrics is not None:
             self.metrics.rollbacks.labels(reason).inc()
         return result
 
     # ---- rollout spec -----------------------------------------------------------------------
     def converge(self, spec: RolloutSpec, caller: str = "rollout-file") -> dict[str, Any] | None:
-        """Make the served state match ``spec``; returns the commit result, None if already there."""
+        """Make the served models match ``spec``: add, change and remove models; returns the commit
+        result, None if already there. An entry that is malformed or cannot be served is refused alone
+        (a served model keeps its weights; the error is on it and in ``rollout_error``). Raises
+        RequestError when no entry can be served."""
         with self.shared.lock():
             current = self.shared.read()
-            stable = current.stable
-            if (stable.checkpoint, stable.merges) != (spec.stable, spec.stable_merges):
-                stable = self._timed_materialize("stable", spec.stable, spec.stable_merges, spec.min_match).spec
-            canary = None
-            if spec.canary:
-                sources = ((stable.checkpoint, stable.merges + (spec.canary,)) if spec.canary_mode == "merge"
-                           else (spec.canary, spec.canary_merges))
-                canary = current.canary
-                if canary is None or (canary.checkpoint, canary.merges) != sources:
-                    canary = self._timed_materialize("canary", *sources, spec.min_match).spec
-            changes = dict(stable=stable, canary=canary, weight=spec.weight if canary else 0,
-                           shadow=spec.shadow if canary else 0, revision=spec.revision, rollout_error=None)
+            models: dict[str, ModelState] = {}
+            errors = dict(spec.errors)
+            for key, entry in spec.models.items():
+                name = current.default if key == DEFAULT_MODEL else key
+                try:
+                    models[name] = self._converged(current.models.get(name), entry)
+                except RequestError as exc:
+                    errors[name] = str(exc)
+            for name, error in errors.items():
+                if name in current.models:
+                    models[name] = replace(current.models[name], rollout_error=error)
+            if not models:
+                raise Unprocessable(f"no model of the rollout spec can be served: {_joined(errors)}", reason="rollout")
+            default = current.default if DEFAULT_MODEL in spec.models else next(iter(spec.models), current.default)
+            if default not in models:
+                default = next(iter(models))
+            # the revision names the last spec applied in full
+            changes = {"models": models, "default": default, "revision": current.revision if errors else spec.revision,
+                       "rollout_error": f"rollout spec entries refused: {_joined(errors)}" if errors else None}
+            if errors and self.metrics is not None and changes["rollout_error"] != current.rollout_error:
+                self.metrics.rollout_errors.inc()
             if all(getattr(current, k) == v for k, v in changes.items()):
                 return None
-            if stable is not current.stable:
-                changes["previous_stable"] = current.stable
-            return self._commit(current, current.next(**changes), action="converge", caller=caller, write_spec=False)
+            return self._commit(current, current.next(**changes), default, action="converge", caller=caller,
+                                write_spec=False)
+
+    def _converged(self, served: ModelState | None, spec: ModelSpec) -> ModelState:
+        """``served`` (None: not served yet) changed to match ``spec``; unchanged slots keep their weights."""
+        stable = served.stable if served is not None else None
+        if stable is None or (stable.checkpoint, stable.merges) != (spec.stable, spec.stable_merges):
+            stable = self._timed_materialize("stable", spec.stable, spec.stable_merges, spec.min_match).spec
+        canary = None
+        if spec.canary:
+            sources = ((stable.checkpoint, stable.merges + (spec.canary,)) if spec.canary_mode == "merge"
+                       else (spec.canary, spec.canary_merges))
+            canary = served.canary if served is not None else None
+            if canary is None or (canary.checkpoint, canary.merges) != sources:
+                canary = self._timed_materialize("canary", *sources, spec.min_match).spec
+        model = ModelState(stable=stable, canary=canary, weight=spec.weight if canary else 0,
+                           shadow=spec.shadow if canary else 0)
+        if served is None:
+            return model
+        previous = served.stable if stable is not served.stable else served.previous_stable
+        return replace(model, previous_stable=previous)
 
     def record_rollout_error(self, message: str) -> None:
         with self.shared.lock():
@@ -238,15 +322,16 @@ class Controller:
             raise Conflict("the rollout file is read-only (a ConfigMap?): change the served models by editing the "
                            "rollout spec, not through the admin API", reason="read_only_rollout")
 
-    def _commit(self, current: ServingState, new: ServingState, *, action: str, caller: str, slot: str | None = None,
+    def _commit(self, current: ServingState, new: ServingState, model: str, *, action: str, caller: str, slot: str | None = None,
                 checkpoint: str | None = None, report: MergeReport | None = None, write_spec: bool = True,
                 called: float | None = None) -> dict[str, Any]:
         """Publish ``new``, wait for every worker, roll back on failure. Times from ``called`` (the
-        admin call's start, validation included) when given."""
+        admin call's start, validation included) when given. The result names ``model`` and its versions."""
         started = called if called is not None else time.monotonic()
         self.shared.write(new)
         if not self.live:
-            return {"result": "ok", "generation": new.generation, "versions": _versions(new), "seconds": 0.0}
+            return {"result": "ok", "model": model, "generation": new.generation, "versions": _versions(new, model),
+                    "seconds": 0.0}
         acks = self.shared.wait_for(new.generation, self.workers, self.swap_timeout_s)
         errors = {w: a.error for w, a in acks.items() if a.error}
         missing = self.workers - len(acks)
@@ -255,8 +340,8 @@ class Controller:
             self.shared.write(restored)
             self.shared.wait_for(restored.generation, self.workers, self.swap_timeout_s)
             self._count_swap(slot or "stable", "failed")
-            self.audit.record(action=action, caller=caller, checkpoint=checkpoint, before=_versions(current),
-                              after=_versions(current), result="failed", errors=errors)
+            self.audit.record(action=action, caller=caller, checkpoint=checkpoint, model=model, before=_versions(current, model),
+                              after=_versions(current, model), result="failed", errors=errors)
             detail = errors or {"timeout": f"{missing} worker(s) did not switch within {self.swap_timeout_s:g} s"}
             raise InternalError(f"{action} failed on some workers and was rolled back: {detail}", reason="swap_failed",
                                 details={"workers": detail})
@@ -265,10 +350,12 @@ class Controller:
         elapsed = time.monotonic() - started
         if slot is not None:
             self._count_swap(slot, "ok", elapsed)
-        self.audit.record(action=action, caller=caller, checkpoint=checkpoint, before=_versions(current),
-                          after=_versions(new), result="ok", merge=report.summary() if report else None)
-        log.info("%s by %s: %s -> %s in %.2f s", action, caller, _versions(current), _versions(new), elapsed)
-        return {"result": "ok", "generation": new.generation, "versions": _versions(new), "seconds": round(elapsed, 3)}
+        self.audit.record(action=action, caller=caller, checkpoint=checkpoint, model=model, before=_versions(current, model),
+                          after=_versions(new, model), result="ok", merge=report.summary() if report else None)
+        log.info("%s of %s by %s: %s -> %s in %.2f s", action, model, caller, _versions(current, model),
+                 _versions(new, model), elapsed)
+        return {"result": "ok", "model": model, "generation": new.generation, "versions": _versions(new, model),
+                "seconds": round(elapsed, 3)}
 
     def _count_swap(self, slot: str, result: str, seconds: float | None = None) -> None:
         if self.metrics is None:
@@ -278,5 +365,36 @@ class Controller:
             self.metrics.swap_duration.observe(seconds)
 
 
-def _versions(state: ServingState) -> dict[str, str | None]:
-    return {"stable": state.stable.version, "canary": state.canary.version if state.canary else None}
+def _with_new_head(name: str, state: dict[str, torch.Tensor], meta: CheckpointMeta, head: dict[str, torch.Tensor],
+                   head_meta: CheckpointMeta) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """``state`` with the head tensors of ``head`` (a head-only checkpoint of other classes) in place of
+    its own, and the head's classes: a head-only fine-tune served as its backbone plus its head. Raises
+    Conflict when ``head`` holds tensors outside the head."""
+    spec = get_spec(meta.arch)
+    outside = sorted(k for k in head if not spec.is_head_key(k))
+    if outside:
+        raise Conflict(f"{name!r} has {head_meta.num_classes} classes where the model has {meta.num_classes}, and "
+                       f"tensors outside the head ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): only a "
+                       "head-only checkpoint (slice --head) may bring its own classes to a merge", reason="incompatible")
+    kept = {k: v for k, v in state.items() if not spec.is_head_key(k)}
+    return {**kept, **head}, replace(meta, num_classes=head_meta.num_classes, class_names=head_meta.class_names)
+
+
+def _versions(state: ServingState, model: str) -> dict[str, str | None]:
+    served = state.models.get(model)
+    if served is None:
+        return {"stable": None, "canary": None}
+    return {"stable": served.stable.version, "canary": served.canary.version if served.canary else None}
+
+
+def _name_of(state: ServingState, model: str | None) -> str:
+    """The served model ``model`` names (None: the default). Raises NotFound naming the served ones."""
+    name = state.default if model is None else model
+    if name not in state.models:
+        raise NotFound(f"unknown model {name!r}: this server serves {', '.join(repr(n) for n in state.names())}",
+                       reason="model")
+    return name
+
+
+def _joined(errors: dict[str, str]) -> str:
+    return "; ".join(f"{name or 'the default model'}: {error}" for name, error in errors.items())

@@ -38,6 +38,7 @@ class SlotSpec:
     meta: dict[str, Any] = field(default_factory=dict)
     loaded_at: str = ""
     merge_report: dict[str, Any] | None = None
+    backbone: str = ""  # the backbone version: the content hash of the tensors outside the head (models.shared)
 
     @property
     def checkpoint_meta(self) -> CheckpointMeta:
@@ -49,29 +50,26 @@ class SlotSpec:
             "checkpoint": self.checkpoint, "merges": list(self.merges), "version": self.version,
             "arch": self.meta.get("arch"), "num_classes": self.meta.get("num_classes"),
             "class_names": self.meta.get("class_names"), "loaded_at": self.loaded_at,
-            "merge_report": self.merge_report,
+            "merge_report": self.merge_report, "backbone": self.backbone,
         }
 
 
 @dataclass(frozen=True)
-class ServingState:
-    generation: int
+class ModelState:
+    """One served model: its slots, the canary's weight and shadow share, and what to roll back to."""
+
     stable: SlotSpec
     canary: SlotSpec | None = None
     weight: int = 0
     shadow: int = 0
     previous_stable: SlotSpec | None = None
-    revision: str | None = None
-    rollout_error: str | None = None
+    rollout_error: str | None = None  # its entry in the rollout spec was refused (the others were applied)
 
     def slots(self) -> dict[str, SlotSpec]:
         return {"stable": self.stable, **({"canary": self.canary} if self.canary else {})}
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ServingState:
+    def from_dict(cls, data: dict[str, Any]) -> ModelState:
         def slot(value: Any) -> SlotSpec | None:
             return None if value is None else SlotSpec(**{**value, "merges": tuple(value.get("merges", ()))})
 
@@ -80,8 +78,54 @@ class ServingState:
         return cls(**{**data, "stable": stable, "canary": slot(data.get("canary")),
                       "previous_stable": slot(data.get("previous_stable"))})
 
+
+@dataclass(frozen=True)
+class ServingState:
+    """Every served model by name (``default`` answers /predict), under one generation that every
+    worker acknowledges."""
+
+    generation: int
+    models: dict[str, ModelState]
+    default: str
+    revision: str | None = None
+    rollout_error: str | None = None
+
+    def model(self, name: str | None = None) -> ModelState:
+        """Model ``name`` (None: the default one). Raises KeyError for a name not served."""
+        return self.models[self.default if name is None else name]
+
+    def names(self) -> list[str]:
+        """The served models' names, the default first."""
+        return [self.default, *(name for name in self.models if name != self.default)]
+
+    def served(self) -> Iterator[tuple[str, str, SlotSpec]]:
+        """(model, slot, spec) of every served slot."""
+        for name, model in self.models.items():
+            for slot, spec in model.slots().items():
+                yield name, slot, spec
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingState:
+        if "models" not in data:  # one model, as an earlier release persisted it
+            one = ModelState.from_dict({k: v for k, v in data.items() if k not in ("generation", "revision", "rollout_error")})
+            name = one.stable.meta.get("name") or one.stable.meta.get("arch") or "model"
+            return cls(generation=data["generation"], models={name: one}, default=name, revision=data.get("revision"),
+                       rollout_error=data.get("rollout_error"))
+        models = {name: ModelState.from_dict(value) for name, value in data["models"].items()}
+        return cls(**{**data, "models": models})
+
     def next(self, **changes: Any) -> ServingState:
         return replace(self, generation=self.generation + 1, **changes)
+
+    def with_model(self, name: str, model: ModelState | None, **changes: Any) -> ServingState:
+        """The next generation with model ``name`` set to ``model`` (None: removed)."""
+        models = {k: v for k, v in self.models.items() if k != name}
+        if model is not None:
+            models = {**self.models, name: model} if name in self.models else {**models, name: model}
+        return self.next(models=models, **changes)
 
 
 @dataclass(frozen=True)
@@ -89,7 +133,7 @@ class WorkerAck:
     worker: str
     pid: int
     generation: int
-    versions: dict[str, str]
+    versions: dict[str, dict[str, str]]  # model -> slot -> version
     error: str | None = None
 
 

@@ -1,4 +1,5 @@
-"""The authenticated admin API: inspect slots, load (replace or merge), canary split, promote, rollback.
+"""The authenticated admin API: inspect slots, load (replace or merge), canary split, promote, rollback,
+each for one model (``"model"``, absent: the default one); and Triton's repository extension.
 
 Bearer-token authentication with a constant-time comparison; with no token configured the
 routes do not exist (404). The token never reaches logs, errors or the audit log: callers are
@@ -18,12 +19,13 @@ from fastapi.security import HTTPBearer
 from starlette.requests import Request
 
 from service.control.controller import Controller, LoadRequest
-from service.control.slots import SharedState
-from service.protocols.admin import CanaryBody, LoadBody
-from service.protocols.wire import load_object, schema, validate
-from service.errors import RequestError, Unauthorized, by_name
+from service.control.slots import ModelState, SharedState
+from service.errors import Unauthorized, by_name
+from service.http.body import json_body
 from service.http.errors import guarded, status_for
-
+from service.http.repository import RepositoryRoutes
+from service.protocols.admin import CanaryBody, LoadBody, ModelBody
+from service.protocols.wire import schema, validate
 
 
 def token_id(token: str) -> str:
@@ -31,13 +33,11 @@ def token_id(token: str) -> str:
 
 
 class AdminRoutes:
-    def __init__(self, token: str, controller: Controller, shared: SharedState, model_name: str,
-                 guard_settings: dict[str, Any]) -> None:
+    def __init__(self, token: str, controller: Controller, shared: SharedState, guard_settings: dict[str, Any]) -> None:
         self._token = token.encode()
         self._caller = token_id(token)
         self.controller = controller
         self.shared = shared
-        self.model_name = model_name
         self.guard_settings = guard_settings
 
     def install(self, app: FastAPI) -> None:
@@ -47,11 +47,12 @@ class AdminRoutes:
                   ("/admin/promote", self.promote, "POST", "Make the canary stable"),
                   ("/admin/rollback", self.rollback, "POST", "Drop the canary, or restore the previous stable")]
         for path, handler, method, summary in routes:
-            app.add_api_route(path, guarded(self._authenticated(handler)), methods=[method], summary=summary,
+            app.add_api_route(path, guarded(self.authenticated(handler)), methods=[method], summary=summary,
                               response_model=None, openapi_extra=ADMIN_OPENAPI.get(path, {}),
-                              dependencies=[Security(BEARER)])  # documents the scheme; _authenticated checks it
+                              dependencies=[Security(BEARER)])  # documents the scheme; authenticated checks it
+        RepositoryRoutes(self.authenticated, self.controller, self.shared, self.controller.store, self._caller).install(app)
 
-    def _authenticated(self, handler: Any) -> Any:
+    def authenticated(self, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             header = request.headers.get("authorization", "")
             scheme, _, given = header.partition(" ")
@@ -67,45 +68,47 @@ class AdminRoutes:
         workers = {w: {"pid": a.pid, "generation": a.generation, "versions": a.versions, "error": a.error}
                    for w, a in sorted(self.shared.acks().items())}
         return JSONResponse({
-            "model": self.model_name, "generation": state.generation, "revision": state.revision,
-            "stable": state.stable.public(), "canary": state.canary.public() if state.canary else None,
-            "canary_weight": state.weight if state.canary else 0, "shadow": state.shadow if state.canary else 0,
-            "previous_stable": state.previous_stable.version if state.previous_stable else None,
-            "rollout_error": state.rollout_error, "last_rejection": _with_status(self.shared.last_rejection()),
-            "workers": workers, "guard": self.guard_settings,
+            "model": state.default, **_model_public(state.model()), "default": state.default,
+            "models": {name: _model_public(model) for name, model in state.models.items()},
+            "generation": state.generation, "revision": state.revision, "rollout_error": state.rollout_error,
+            "last_rejection": _with_status(self.shared.last_rejection()), "workers": workers, "guard": self.guard_settings,
             "converged": bool(workers) and all(w["generation"] >= state.generation and not w["error"] for w in workers.values()),
         })
 
     async def load(self, request: Request) -> Response:
-        body = validate(LoadBody, await _json_body(request), quote=True)
-        req = LoadRequest(body.checkpoint, body.slot, body.mode, body.min_match, body.allow_new_classes)
+        body = validate(LoadBody, await json_body(request), quote=True)
+        req = LoadRequest(body.checkpoint, body.slot, body.mode, body.min_match, body.allow_new_classes, body.model)
         return JSONResponse(await asyncio.to_thread(self.controller.load, req, self._caller))
 
     async def canary(self, request: Request) -> Response:
-        body = validate(CanaryBody, await _json_body(request), quote=True)
-        current = self.shared.read()
-        weight = current.weight if body.weight is None else body.weight
-        shadow = current.shadow if body.shadow is None else body.shadow
-        return JSONResponse(await asyncio.to_thread(self.controller.set_canary, weight, shadow, self._caller))
+        body = validate(CanaryBody, await json_body(request), quote=True)
+        return JSONResponse(await asyncio.to_thread(self.controller.set_canary, body.weight, body.shadow, self._caller,
+                                                    body.model))
 
     async def promote(self, request: Request) -> Response:
-        return JSONResponse(await asyncio.to_thread(self.controller.promote, self._caller))
+        body = validate(ModelBody, await json_body(request), quote=True)
+        return JSONResponse(await asyncio.to_thread(self.controller.promote, self._caller, body.model))
 
     async def rollback(self, request: Request) -> Response:
-        return JSONResponse(await asyncio.to_thread(self.controller.rollback, self._caller))
+        body = validate(ModelBody, await json_body(request), quote=True)
+        return JSONResponse(await asyncio.to_thread(self.controller.rollback, self._caller, "manual", body.model))
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > 64 * 1024:
-        raise RequestError("admin request body over 64 KiB", reason="body")
-    return load_object(raw or b"{}", what="admin request body", reason="body")
+def _model_public(model: ModelState) -> dict[str, Any]:
+    """One model's slots as GET /admin/models shows them."""
+    return {
+        "stable": model.stable.public(), "canary": model.canary.public() if model.canary else None,
+        "canary_weight": model.weight if model.canary else 0, "shadow": model.shadow if model.canary else 0,
+        "previous_stable": model.previous_stable.version if model.previous_stable else None,
+        "rollout_error": model.rollout_error,
+    }
 
 
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer")
 ADMIN_OPENAPI: dict[str, dict[str, Any]] = {
-    path: {"requestBody": {"required": True, "content": {"application/json": {"schema": schema(model)}}}}
-    for path, model in (("/admin/load", LoadBody), ("/admin/canary", CanaryBody))
+    path: {"requestBody": {"required": model is not ModelBody, "content": {"application/json": {"schema": schema(model)}}}}
+    for path, model in (("/admin/load", LoadBody), ("/admin/canary", CanaryBody), ("/admin/promote", ModelBody),
+                        ("/admin/rollback", ModelBody))
 }
 
 

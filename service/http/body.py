@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 
 from service.errors import PayloadTooLarge, RequestError
+from service.protocols.wire import load_object
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -38,3 +39,11 @@ async def read_form(request: Request, body: bytes) -> tuple[bytes | str | None, 
     top_k = form.get("top_k")
     data = await upload.read() if upload is not None and not isinstance(upload, str) else upload
     return data, top_k if isinstance(top_k, str) else None
+
+
+async def json_body(request: Request, what: str = "admin request body") -> dict[str, Any]:
+    """The request's JSON object (none: ``{}``). Raises RequestError (400) for one over 64 KiB or not an object."""
+    raw = await request.body()
+    if len(raw) > 64 * 1024:
+        raise RequestError(f"{what} over 64 KiB", reason="body")
+    return load_object(raw or b"{}", what=what, reason="body")

@@ -1,4 +1,5 @@
-"""/predict, /health and /ready: thin adapters from the /predict wire format to the data plane.
+"""/predict, /models/{name}/predict, /models, /health and /ready: thin adapters from the /predict
+wire format to the data plane.
 
 ``instrumented`` counts every finished inference request once, whatever its fate (status and
 slot labels, duration, in-flight); errors become their status in ``service.http.errors``.
@@ -20,6 +21,7 @@ from service.inference.dataplane import DataPlane, InferenceRequest
 from service.inference.dispatch import Result
 from service.observability.metrics import Metrics
 from service.protocols import predict
+from service.protocols.catalog import Catalog, catalog_body
 from service.protocols.predict import WHOLE_NUMBER
 from service.protocols.wire import schema
 
@@ -31,7 +33,7 @@ def model_headers(result: Result) -> dict[str, str]:
 
 
 class Routes:
-    """/predict, /health and /ready."""
+    """/predict (the default model), /models/{name}/predict, /models, /health and /ready."""
 
     def __init__(self, plane: DataPlane, metrics: Metrics, max_image_bytes: int) -> None:
         self.plane = plane
@@ -42,19 +44,29 @@ class Routes:
         """Replace LitServe's /predict and /health with ours and add /ready."""
         app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in ("/predict", "/health", "/")]
         app.add_api_route("/predict", instrumented(self.predict, "predict", self.metrics), methods=["POST"],
-                          openapi_extra=PREDICT_OPENAPI, summary="Classify one image", response_model=None)
+                          openapi_extra=PREDICT_OPENAPI, summary="Classify one image with the default model", response_model=None)
+        app.add_api_route("/models/{name}/predict", instrumented(self.predict, "predict", self.metrics), methods=["POST"],
+                          openapi_extra={**PREDICT_OPENAPI, "parameters": [NAME_PARAMETER, *PREDICT_OPENAPI["parameters"]]},
+                          summary="Classify one image with model {name}", response_model=None)
+        app.add_api_route("/models", guarded(self.models), methods=["GET"], summary="Every served model",
+                          response_model=None, openapi_extra=CATALOG_OPENAPI)
         app.add_api_route("/health", self.health, methods=["GET"], summary="Liveness: the process answers")
         app.add_api_route("/ready", self.ready, methods=["GET"], summary="Readiness: every worker loaded and warm")
 
     async def predict(self, request: Request) -> Response:
         started = time.monotonic()
         timeout_s = header_timeout_s(request)
+        name = request.path_params.get("name")
+        self.plane.model_of(name)  # an unknown model is a 404 before its body is read
         parsed = await self._parse(request)
         inference = await self.plane.infer(
             InferenceRequest(images=[parsed.image], top_k=parsed.top_k, timeout_s=timeout_s, started=started,
-                             key=request.headers.get("x-request-key")),
+                             key=request.headers.get("x-request-key"), model=name),
             routed=lambda slot: setattr(request.state, "slot", slot))
-        return JSONResponse(predict.predict_body(inference.first, self.plane.model_name), headers=model_headers(inference.first))
+        return JSONResponse(predict.predict_body(inference.first, inference.view.name), headers=model_headers(inference.first))
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(catalog_body(self.plane.state(), self.plane.resident()))
 
     async def _parse(self, request: Request) -> predict.PredictRequest:
         """Any of the three input forms -> image bytes and top_k. Raises 400/413/415."""
@@ -72,7 +84,7 @@ class Routes:
 
     async def ready(self) -> Response:
         if self.plane.is_ready():
-            return JSONResponse({"status": "ready", "model": self.plane.model_name,
+            return JSONResponse({"status": "ready", "model": self.plane.default_model, "models": self.plane.models(),
                                  "versions": {slot: view.version for slot, view in self.plane.views().items()}})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
@@ -112,6 +124,10 @@ def instrumented(handler: Handler, endpoint_label: str, metrics: Metrics) -> Han
     return endpoint
 
 
+NAME_PARAMETER: dict[str, Any] = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                  "description": "a served model's name (GET /models)"}
+CATALOG_OPENAPI: dict[str, Any] = {"responses": {"200": {"description": "Every served model, the default first", "content": {
+    "application/json": {"schema": schema(Catalog)}}}}}
 TIMEOUT_PARAMETER: dict[str, Any] = {
     "name": "X-Request-Timeout-Ms", "in": "header", "required": False,
     "description": "answer within this many milliseconds or not at all (504); shortens --timeout-s for this request",

@@ -1,7 +1,8 @@
 """Refusing a /predict request before any work is spent on it, when the queue is already full.
 
 Under overload most requests are refused; each refusal should cost as little as a server can
-make it. ``ShedEarly`` is ASGI middleware outside routing: a ``POST /predict`` that arrives
+make it. ``ShedEarly`` is ASGI middleware outside routing: a ``POST /predict`` (or
+``/models/{name}/predict``) that arrives
 while the queue has no room for one more image gets its 503 (``Retry-After``, the same error
 body and metrics as a refusal by the route) without its body being read or parsed, without
 FastAPI's routing, dependencies and exception layers. It only looks: the route still admits,
@@ -27,14 +28,13 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 class ShedEarly:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
-                 refusal: Callable[[int], Overloaded | None], metrics: Metrics, path: str = "/predict") -> None:
+                 refusal: Callable[[int], Overloaded | None], metrics: Metrics) -> None:
         self.app = app
         self.refusal = refusal
         self.metrics = metrics
-        self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["method"] != "POST" or not _is_predict(scope["path"]):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -47,3 +47,11 @@ class ShedEarly:
         self.metrics.rejected.labels(refused.reason).inc()
         self.metrics.requests.labels("predict", str(response.status_code), "none").inc()
         self.metrics.request_duration.labels("predict").observe(time.perf_counter() - started)
+
+
+def _is_predict(path: str) -> bool:
+    """``/predict`` or ``/models/{name}/predict`` (a name without slashes)."""
+    if path == "/predict":
+        return True
+    head, _, name = path.removesuffix("/predict").partition("/models/")
+    return path.endswith("/predict") and head == "" and bool(name) and "/" not in name

@@ -72,15 +72,16 @@ class V2Routes:
 
     async def metadata(self, request: Request) -> Response:
         slot = self._resolve(request) or "stable"
-        views = self.plane.views()
+        name = request.path_params["name"]
+        views = self.plane.views(name)
         view = views[slot]
-        return JSONResponse(model_metadata(name=self.plane.model_name, versions=[v.version for v in views.values()],
+        return JSONResponse(model_metadata(name=name, versions=[v.version for v in views.values()],
                                            num_classes=view.meta.num_classes, input_size=view.meta.input_size))
 
     async def model_ready(self, request: Request) -> Response:
         self._resolve(request)
         ready = self.plane.is_ready()
-        return JSONResponse({"name": self.plane.model_name, "ready": ready}, status_code=200 if ready else 503)
+        return JSONResponse({"name": request.path_params["name"], "ready": ready}, status_code=200 if ready else 503)
 
     async def infer(self, request: Request) -> Response:
         started = time.monotonic()
@@ -94,10 +95,11 @@ class V2Routes:
         inference = await self.plane.infer(InferenceRequest(
             images=parsed.images, pixels=parsed.pixels, top_k=max([o.classification for o in parsed.outputs] + [1]),
             timeout_s=parsed.timeout_s, started=started, key=request.headers.get("x-request-key"),
-            version=request.path_params.get("model_version")), routed=lambda slot: setattr(request.state, "slot", slot))
+            version=request.path_params.get("model_version"), model=request.path_params["name"]),
+            routed=lambda slot: setattr(request.state, "slot", slot))
         served = inference.first
         body, headers = encode_infer_response(
-            model_name=self.plane.model_name, model_version=served.version, request=parsed,
+            model_name=inference.view.name, model_version=served.version, request=parsed,
             probabilities=np.stack([r.probabilities for r in inference.results]), class_names=inference.view.meta.class_names,
             parameters={"slot": served.slot, "version": served.version,
                         "batch_size": max(r.batch_size for r in inference.results)},

@@ -57,6 +57,7 @@ class Result:
     slot: str
     batch_size: int
     queue_wait_s: float
+    shadow: tuple[str, int] | None = None  # the canary's version and top class, when it shadowed this image
 
 
 class Dispatcher:
@@ -99,14 +100,15 @@ class Dispatcher:
         budget = self.timeout_s if request_timeout_s is None else min(self.timeout_s, request_timeout_s)
         return (time.monotonic() if since is None else since) + budget
 
-    async def infer(self, image: torch.Tensor | bytes, *, slot: str, top_k: int, deadline: float,
-                    ticket: Ticket | None = None, normalized: bool = False, following: int = 0) -> Result:
-        """Queue one image (pixels, or JPEG bytes from ``preprocess``) for ``slot`` and await its answer
+    async def infer(self, image: torch.Tensor | bytes, *, model: str, slot: str, top_k: int, deadline: float,
+                    ticket: Ticket | None = None, normalized: bool = False, following: int = 0,
+                    shadow: bool = False) -> Result:
+        """Queue one image (pixels, or JPEG bytes from ``preprocess``) for ``model``'s ``slot`` and await its answer
         until ``deadline`` (time.monotonic); ``ticket``: the request's admission, handed the image once it is
-        queued; ``following``: images of the same request queued right after this one. Raises RequestError
-        subclasses."""
-        payload: dict[str, Any] = {"slot": slot, "top_k": top_k, "arriving": self._decoding + following,
-                                   "deadline": deadline}
+        queued; ``following``: images of the same request queued right after this one; ``shadow``: the
+        worker also runs the model's canary on it and says its top class. Raises RequestError subclasses."""
+        payload: dict[str, Any] = {"model": model, "slot": slot, "top_k": top_k, "arriving": self._decoding + following,
+                                   "deadline": deadline, "shadow": shadow}
         if isinstance(image, bytes):
             payload["jpeg"] = image
         else:
@@ -158,4 +160,5 @@ def _result(data: Any, arrived: float, admission: Admission) -> Result:
         slot=data["slot"],
         batch_size=data["batch_size"],
         queue_wait_s=max(0.0, data["started"] - arrived),
+        shadow=tuple(data["shadow"]) if data.get("shadow") else None,
     )

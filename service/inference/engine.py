@@ -1,44 +1,60 @@
 """Where a batch of image tensors becomes class probabilities, inside one inference worker.
 
-An ``Engine`` holds the worker's model slots (``stable``, and ``canary`` once rollouts use
-it), each a model already on the device, cast and in channels_last. ``run`` takes a batch
-whose items may name different slots: each slot's items go through its own weights, and an
-item that cannot run (say, pixels of the wrong size) fails alone.
+An ``Engine`` holds the worker's served versions by (model, slot): each a ``Head`` on the device
+and a ``Backbone`` shared by every version whose non-head tensors are the same (its backbone
+version, ``models.shared``), in channels_last. ``run`` takes a batch whose items may name
+different models and slots: the images of every version that shares a backbone and its
+preprocessing go through one backbone pass, then each through its own version's head; an item
+that cannot run (say, pixels of the wrong size) fails alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
-from models import CheckpointMeta, classifier_from_state
+from models import CheckpointMeta
+from models.shared import (
+    Backbone,
+    Head,
+    backbone_version,
+    head_from_state,
+    heads_forward,
+    split_from_state,
+    tensor_bytes,
+)
 from models.transforms import normalize, resize_crop
-from service.errors import RequestError
+from service.errors import NotFound, RequestError
 from service.inference.decode import decode_jpegs
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image for one slot: uint8 (3, H, W) from a decoded image, normalised float pixels, or
-    (``image`` None) the bytes of a JPEG to decode on the worker's device."""
+    """One image for one model's slot: uint8 (3, H, W) from a decoded image, normalised float pixels,
+    or (``image`` None) the bytes of a JPEG to decode on the worker's device. ``model`` "": the default."""
 
     slot: str
     image: torch.Tensor | None
     normalized: bool = False
     top_k: int = 5
     jpeg: bytes = b""
+    model: str = ""
+    shadow: bool = False  # also run the model's canary, for comparison
 
 
 @dataclass(frozen=True)
@@ -47,16 +63,43 @@ class Answer:
     top: list[tuple[str, int, float]]
     version: str
     slot: str
+    shadow: tuple[str, int] | None = None  # the canary's version and top class, when it shadowed this item
 
 
 @dataclass
 class Loaded:
-    """A slot's content: the model as it runs, and what it is."""
+    """A served version as it runs: its head, the backbone it shares, and what it is."""
 
-    model: nn.Module
+    backbone: Backbone
+    head: Head
     meta: CheckpointMeta
     version: str
     checkpoint: str
+    backbone_version: str
+
+    @property
+    def pass_key(self) -> tuple[object, ...]:
+        """Versions with equal keys share one backbone pass: one backbone, one preprocessing."""
+        m = self.meta
+        return (id(self.backbone), m.input_size, m.resize_size, m.interpolation, tuple(m.mean), tuple(m.std))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An item of a batch for one version: its answer, or (``shadow``) the canary's comparison."""
+
+    item: int
+    slot: str
+    loaded: Loaded
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class BackbonePass:
+    """One backbone forward pass of the last ``run``: the backbone version and its images."""
+
+    backbone_version: str
+    images: int
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -66,68 +109,129 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class Engine:
-    """The models of one worker and the forward pass over mixed-slot batches."""
+    """The served versions of one worker and the forward pass over mixed batches."""
 
     def __init__(self, device: torch.device, precision: str) -> None:
         self.device = device
         self.precision = precision
-        self.slots: dict[str, Loaded] = {}
+        self.slots: dict[tuple[str, str], Loaded] = {}  # (model, slot) -> what it serves
+        self.default = ""  # the default model's name
+        self._backbones: weakref.WeakValueDictionary[tuple[str, str, str], Backbone] = weakref.WeakValueDictionary()
         self.timings: dict[str, float] = {}  # forward seconds per slot of the last run()
+        self.passes: list[BackbonePass] = []  # backbone passes of the last run()
         self.decoded = 0  # JPEGs the last run() decoded on the device
 
     def prepare(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, checkpoint: str) -> Loaded:
-        """Build a servable model from a state (not yet serving): device, layout, warm-up.
+        """Build a servable version from a state (not yet serving): its head, on the backbone already
+        resident when its backbone version is, else a new backbone (device, layout); then a warm-up.
 
         Raises IncompatibleCheckpointError if the state does not fit, ValueError if the
         warm-up gives non-finite outputs or the wrong shape.
         """
-        model = classifier_from_state(state, meta, where=checkpoint)
-        model = model.to(self.device, memory_format=torch.channels_last)
-        loaded = Loaded(model, meta, version, checkpoint)
+        backbone_ver = backbone_version(meta.arch, state)
+        key = (meta.arch, backbone_ver, json.dumps(meta.arch_kwargs, sort_keys=True))
+        backbone = self._backbones.get(key)
+        if backbone is None:
+            backbone, head = split_from_state(state, meta, where=checkpoint)
+            backbone = backbone.to(self.device, memory_format=torch.channels_last)
+            head = head.to(self.device)
+            self._backbones[key] = backbone
+        else:
+            head = head_from_state(backbone, state, meta, where=checkpoint)
+        loaded = Loaded(backbone, head, meta, version, checkpoint, backbone_ver)
         self._warm_up(loaded)
         return loaded
 
-    def install(self, slot: str, loaded: Loaded | None) -> None:
-        """Put ``loaded`` into ``slot`` (None empties it). Called between batches only."""
-        if loaded is None:
-            self.slots.pop(slot, None)
-        else:
-            self.slots[slot] = loaded
+    def install(self, served: dict[tuple[str, str], Loaded], default: str) -> None:
+        """Serve exactly ``served`` ((model, slot) -> version), ``default`` answering for "". Between batches only."""
+        self.slots = dict(served)
+        self.default = default
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors of the served backbones and heads, each counted once."""
+        backbones = {id(x.backbone): x.backbone for x in self.slots.values()}
+        heads = {id(x.head): x.head for x in self.slots.values()}
+        return {"backbone": sum(map(tensor_bytes, backbones.values())), "head": sum(map(tensor_bytes, heads.values()))}
+
+    def _served(self, item: Item) -> tuple[tuple[str, str], Loaded] | RequestError:
+        """What answers ``item``: its model's slot, that model's stable slot once the canary is gone."""
+        model = item.model or self.default
+        for slot in (item.slot, "stable"):
+            if (model, slot) in self.slots:
+                return (model, slot), self.slots[(model, slot)]
+        return NotFound(f"model {model!r} is no longer served", reason="model")
 
     def run(self, items: list[Item]) -> list[Answer | RequestError]:
-        """Answer every item; an item that cannot run gets its own RequestError."""
+        """Answer every item; an item that cannot run gets its own RequestError. An item served by its
+        model's stable slot that asks for a shadow also goes through the canary (one more head when the
+        canary shares the backbone): its answer carries the canary's version and top class."""
         answers: list[Answer | RequestError] = [RequestError("not run")] * len(items)
-        self.timings = {}
-        self.decoded = 0
-        for slot in sorted({item.slot for item in items}):
-            index = [i for i, item in enumerate(items) if item.slot == slot]
-            loaded = self.slots.get(slot) or self.slots.get("stable")
-            if loaded is None:
-                raise RuntimeError("no model loaded")
-            batch, ok = self._stack(loaded.meta, [items[i] for i in index])
-            for i, err in zip(index, ok):
-                if err is not None:
-                    answers[i] = err
-            good = [i for i, err in zip(index, ok) if err is None]
-            if good:
-                served = slot if slot in self.slots else "stable"
-                started = time.perf_counter()
-                probs = self.forward(loaded, batch)
-                self.timings[served] = self.timings.get(served, 0.0) + time.perf_counter() - started
-                for row, i in enumerate(good):
-                    answers[i] = _answer(probs[row], loaded, items[i].top_k, served)
+        shadows: dict[int, tuple[str, int]] = {}
+        self.timings, self.passes, self.decoded = {}, [], 0
+        groups: dict[tuple[object, ...], list[Entry]] = {}
+        for i, item in enumerate(items):
+            served = self._served(item)
+            if isinstance(served, RequestError):
+                answers[i] = served
+                continue
+            (model, slot), loaded = served
+            groups.setdefault(loaded.pass_key, []).append(Entry(i, slot, loaded))
+            canary = self.slots.get((model, "canary"))
+            if item.shadow and slot == "stable" and canary is not None:
+                groups.setdefault(canary.pass_key, []).append(Entry(i, "canary", canary, shadow=True))
+        for group in groups.values():
+            self._one_pass(items, group, answers, shadows)
+        for i, shadow in shadows.items():
+            answer = answers[i]
+            if isinstance(answer, Answer):
+                answers[i] = replace(answer, shadow=shadow)
         return answers
 
-    def forward(self, loaded: Loaded, batch: torch.Tensor) -> np.ndarray:
-        """Normalised float batch (B, 3, S, S), on any device -> softmax probabilities, float32 numpy (B, C)."""
+    def _one_pass(self, items: list[Item], group: list[Entry], answers: list[Answer | RequestError],
+                  shadows: dict[int, tuple[str, int]]) -> None:
+        """One backbone pass over ``group`` (items sharing a backbone and a preprocessing; an image that
+        two of its versions answer is in it once), each image then through its versions' heads; fills
+        ``answers`` and ``shadows``."""
+        order = list(dict.fromkeys(entry.item for entry in group))
+        batch, errors = self._stack(group[0].loaded.meta, [items[i] for i in order])
+        failed = {i: err for i, err in zip(order, errors) if err is not None}
+        for entry in group:
+            if entry.item in failed and not entry.shadow:
+                answers[entry.item] = failed[entry.item]
+        rows = {i: row for row, i in enumerate(i for i in order if i not in failed)}
+        runs = [entry for entry in group if entry.item in rows]
+        if not runs:
+            return
+        started = time.perf_counter()
+        heads = {entry.loaded.version: entry.loaded.head for entry in runs}
+        wanted: dict[str, list[int]] = {}
+        for entry in runs:
+            wanted.setdefault(entry.loaded.version, []).append(rows[entry.item])
+        probs = self.forward(runs[0].loaded.backbone, heads, batch, wanted)
+        seconds = time.perf_counter() - started
+        self.passes.append(BackbonePass(runs[0].loaded.backbone_version, len(rows)))
+        taken = dict.fromkeys(wanted, 0)
+        for entry in runs:
+            version = entry.loaded.version
+            row, taken[version] = probs[version][taken[version]], taken[version] + 1
+            self.timings[entry.slot] = seconds
+            if entry.shadow:
+                shadows[entry.item] = (version, int(np.argmax(row)))
+            else:
+                answers[entry.item] = _answer(row, entry.loaded, items[entry.item].top_k, entry.slot)
+
+    def forward(self, backbone: Backbone, heads: dict[K, Head], batch: torch.Tensor,
+                rows: dict[K, list[int]]) -> dict[K, np.ndarray]:
+        """Normalised float batch (B, 3, S, S), on any device, through ``backbone`` once, then the
+        ``rows`` of each head -> their softmax probabilities, float32 numpy (len(rows[k]), C_k) per head."""
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         autocast = (
             torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
             if self.precision != "fp32" else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            logits = loaded.model(batch)
-        return logits.float().softmax(dim=-1).cpu().numpy()
+            logits = heads_forward(backbone, heads, batch, rows)
+        return {key: value.float().softmax(dim=-1).cpu().numpy() for key, value in logits.items()}
 
     def _stack(self, meta: CheckpointMeta, items: list[Item]) -> tuple[torch.Tensor, list[RequestError | None]]:
         """The items as one normalised batch on the device (uint8 images go there before they are
@@ -168,7 +272,7 @@ class Engine:
     def _warm_up(self, loaded: Loaded) -> None:
         size = loaded.meta.input_size
         started = time.perf_counter()
-        probs = self.forward(loaded, torch.zeros(2, 3, size, size))
+        probs = self.forward(loaded.backbone, {0: loaded.head}, torch.zeros(2, 3, size, size), {0: [0, 1]})[0]
         if probs.shape != (2, loaded.meta.num_classes) or not np.isfinite(probs).all():
             raise ValueError(
                 f"warm-up gave {'non-finite outputs' if probs.shape[-1:] == (loaded.meta.num_classes,) else 'shape ' + str(probs.shape)}"

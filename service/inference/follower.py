@@ -7,13 +7,14 @@ import logging
 import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 from models import load_checkpoint
-from service.control.slots import SLOT_NAMES, ServingState, SharedState, SlotSpec, WorkerAck
+from service.control.slots import ServingState, SharedState, SlotSpec, WorkerAck
 from service.inference.engine import Engine, Loaded
 
 log = logging.getLogger("headswap.worker")
-KEEP_WARM = 4  # prepared versions kept in memory: stable, canary, previous stable, one spare
+KEEP_SPARE = 2  # prepared versions kept in memory beyond those served (a rollback, a swap back)
 
 
 class SlotFollower:
@@ -24,7 +25,7 @@ class SlotFollower:
         self.applied = -1
         self.warm: OrderedDict[str, Loaded] = OrderedDict()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
-        self._pending: tuple[int, Future[dict[str, Loaded | None]]] | None = None
+        self._pending: tuple[int, Future[Prepared]] | None = None
 
     def catch_up(self) -> None:
         """Start-up: load what the shared state says, synchronously."""
@@ -46,9 +47,13 @@ class SlotFollower:
                 self.applied = generation
                 self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions(), f"{type(exc).__name__}: {exc}"))
 
-    def _prepare(self, state: ServingState) -> dict[str, Loaded | None]:
-        slots: dict[str, SlotSpec | None] = {"stable": state.stable, "canary": state.canary}
-        return {name: None if spec is None else self._loaded(spec) for name, spec in slots.items()}
+    def _prepare(self, state: ServingState) -> Prepared:
+        served = {(name, slot): self._loaded(spec) for name, slot, spec in state.served()}
+        keep = {loaded.version for loaded in served.values()}
+        spares = [v for v in self.warm if v not in keep]
+        for version in spares[:max(0, len(spares) - KEEP_SPARE)]:  # the least recently used go first
+            del self.warm[version]
+        return Prepared(served, state.default)
 
     def _loaded(self, spec: SlotSpec) -> Loaded:
         if spec.version in self.warm:
@@ -60,15 +65,22 @@ class SlotFollower:
             raise ValueError(f"blob {blob.name} holds version {loaded.version}, expected {spec.version}")
         prepared = self.engine.prepare(loaded.state, loaded.meta, loaded.version, spec.checkpoint)
         self.warm[spec.version] = prepared
-        while len(self.warm) > KEEP_WARM:
-            self.warm.popitem(last=False)
         return prepared
 
-    def _install(self, generation: int, prepared: dict[str, Loaded | None]) -> None:
-        for name in SLOT_NAMES:
-            self.engine.install(name, prepared.get(name))
+    def _install(self, generation: int, prepared: Prepared) -> None:
+        self.engine.install(prepared.served, prepared.default)
         self.applied = generation
         self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions()))
 
-    def _versions(self) -> dict[str, str]:
-        return {name: loaded.version for name, loaded in self.engine.slots.items()}
+    def _versions(self) -> dict[str, dict[str, str]]:
+        versions: dict[str, dict[str, str]] = {}
+        for (model, slot), loaded in self.engine.slots.items():
+            versions.setdefault(model, {})[slot] = loaded.version
+        return versions
+
+
+class Prepared(NamedTuple):
+    """A generation made ready beside the served one: every (model, slot)'s version, and the default model."""
+
+    served: dict[tuple[str, str], Loaded]
+    default: str

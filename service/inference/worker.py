@@ -81,9 +81,10 @@ class ClassifierAPI(ls.LitAPI):
         if self.config.decode_on_worker:
             self.engine.warm_up_decoder()
         self.metrics = Metrics()
-        stable = self.engine.slots["stable"]
-        log.info("worker %s (pid %d) ready: device %s, precision %s, %d threads, model %s (%s)", worker_id, os.getpid(),
-                 torch_device, self.engine.precision, self.config.threads, stable.version, stable.meta.arch)
+        served = ", ".join(f"{model} {loaded.version} ({loaded.meta.arch})" for (model, slot), loaded in self.engine.slots.items()
+                           if slot == "stable")
+        log.info("worker %s (pid %d) ready: device %s, precision %s, %d threads, model %s", worker_id, os.getpid(),
+                 torch_device, self.engine.precision, self.config.threads, served)
 
     def between_batches(self) -> None:
         """Control point: runs in the worker before every batch and every idle poll."""
@@ -126,14 +127,19 @@ class ClassifierAPI(ls.LitAPI):
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.engine.device))
         for slot, seconds in self.engine.timings.items():
             self.metrics.inference.labels(slot).observe(seconds)
+        for one in self.engine.passes:
+            self.metrics.backbone_passes.labels(one.backbone_version).inc()
+            self.metrics.images_per_backbone_pass.observe(one.images)
 
     def decode_request(self, request: dict[str, Any]) -> Item:
         if "jpeg" in request:  # --decode-on worker: Engine decodes the batch's JPEGs on its device
-            return Item(request["slot"], None, top_k=request.get("top_k", 5), jpeg=bytes(request["jpeg"]))
+            return Item(request["slot"], None, top_k=request.get("top_k", 5), jpeg=bytes(request["jpeg"]),
+                        model=request.get("model", ""), shadow=request.get("shadow", False))
         shape = tuple(request["shape"])
         dtype = np.float32 if request["dtype"] == "float32" else np.uint8
         array = np.frombuffer(request["data"], dtype=dtype).reshape(shape)
-        return Item(request["slot"], torch.from_numpy(array.copy()), dtype == np.float32, request.get("top_k", 5))
+        return Item(request["slot"], torch.from_numpy(array.copy()), dtype == np.float32, request.get("top_k", 5),
+                    model=request.get("model", ""), shadow=request.get("shadow", False))
 
     def batch(self, inputs: list[Item]) -> list[Item]:
         return inputs  # mixed-slot batches are grouped inside Engine.run
@@ -149,7 +155,7 @@ class ClassifierAPI(ls.LitAPI):
         if isinstance(output, RequestError):
             return failure(output)
         return {"probabilities": output.probabilities.tobytes(), "top": output.top,
-                "version": output.version, "slot": output.slot}
+                "version": output.version, "slot": output.slot, "shadow": output.shadow}
 
 
 def failure(exc: RequestError) -> dict[str, Any]:

@@ -51,6 +51,10 @@ class Metrics:
                                 "--max-queue-wait-ms) or deadline (passed before a worker took them)", ["reason"], registry=r)
         self.input_errors = Counter("headswap_input_errors_total", "Rejected inputs by cause", ["reason"], registry=r)
         self.rollout_errors = Counter("headswap_rollout_errors_total", "Rollout specs refused", registry=r)
+        self.backbone_passes = Counter("headswap_backbone_passes_total", "Backbone forward passes, by backbone version "
+                                       "(the content hash of the tensors outside the head)", ["backbone"], registry=r)
+        self.images_per_backbone_pass = Histogram("headswap_images_per_backbone_pass", "Images sharing one backbone pass, "
+                                                  "across models", buckets=BATCH_BUCKETS, registry=r)
         self.gpu_memory = Gauge("headswap_gpu_memory_allocated_bytes", "CUDA memory held by tensors, per worker",
                                 multiprocess_mode="liveall", registry=r)
 
@@ -58,8 +62,8 @@ class Metrics:
 class StateCollector(Collector):
     """Scrape-time view of what is served: model_info, canary weight, shadow share, queue depth, memory.
 
-    ``read_state`` returns the serving state (its ``slots()``, ``weight``, ``shadow``, ``canary``,
-    ``generation``); ``queue_depth`` the images waiting (None: no bound, no gauge); ``worker_pids``
+    ``read_state`` returns the serving state (its ``models``, each with ``slots()``, ``weight``,
+    ``shadow``, ``canary``; its ``generation``); ``queue_depth`` the images waiting (None: no bound, no gauge); ``worker_pids``
     the inference workers' process ids."""
 
     def __init__(self, read_state: Callable[[], Any], main_pid: int, *, queue_depth: Callable[[], int] | None = None,
@@ -71,14 +75,18 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self.read_state()
-        info = GaugeMetricFamily("headswap_model_info", "What each slot serves (=1)", labels=["slot", "version", "arch", "num_classes"])
-        for slot, spec in state.slots().items():
-            info.add_metric([slot, spec.version, str(spec.meta["arch"]), str(spec.meta["num_classes"])], 1)
-        yield info
-        yield GaugeMetricFamily("headswap_canary_weight", "Share of requests sent to the canary, percent",
-                                value=state.weight if state.canary else 0)
-        yield GaugeMetricFamily("headswap_shadow_percent", "Share of stable requests shadowed on the canary, percent",
-                                value=state.shadow if state.canary else 0)
+        info = GaugeMetricFamily("headswap_model_info", "What each model's slot serves (=1)",
+                                 labels=["model", "slot", "version", "arch", "num_classes"])
+        weight = GaugeMetricFamily("headswap_canary_weight", "Share of a model's requests sent to its canary, percent",
+                                   labels=["model"])
+        shadow = GaugeMetricFamily("headswap_shadow_percent", "Share of a model's stable requests shadowed on its "
+                                   "canary, percent", labels=["model"])
+        for name, model in state.models.items():
+            for slot, spec in model.slots().items():
+                info.add_metric([name, slot, spec.version, str(spec.meta["arch"]), str(spec.meta["num_classes"])], 1)
+            weight.add_metric([name], model.weight if model.canary else 0)
+            shadow.add_metric([name], model.shadow if model.canary else 0)
+        yield from (info, weight, shadow)
         yield GaugeMetricFamily("headswap_state_generation", "Generation of the served state", value=state.generation)
         if self.queue_depth is not None:
             yield GaugeMetricFamily("headswap_queue_depth", "Images admitted and waiting for a worker, whole server",
