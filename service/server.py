@@ -117,11 +117,11 @@ def _serve(settings: Settings, runtime: Path) -> int:
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     plane = DataPlane(dispatcher, shared, is_ready=readiness.ready, is_serving=readiness.serving,
-                      metrics=metrics, guard=guard, controller=controller)
+                      metrics=metrics, guard=guard, controller=controller, metrics_max_models=settings.metrics_max_models)
     collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
-    server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics)  # outside routing: cheap 503s
+    server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model)  # outside routing: cheap 503s
     sidecars = _sidecars(settings, controller, shared, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
@@ -166,6 +166,7 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
         max_batch_size=settings.max_batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000,
         timeout_s=settings.timeout_s, log_level=settings.log_level, decode_on_worker=settings.decode_on == "worker",
         solo_threads=solo_threads, max_queue_wait_s=settings.max_queue_wait_ms / 1000,
+        metrics_max_models=settings.metrics_max_models,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,

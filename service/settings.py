@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     guard_window: int = _opt(200, "canary guard: judge the last N canary requests / shadow comparisons")
     guard_max_error_rate: float = _opt(0.05, "canary guard: roll back above this canary error rate")
     guard_min_agreement: float = _opt(0.0, "canary guard: roll back below this shadow top-1 agreement (0: off)")
+    metrics_max_models: int = _opt(100, "models with a metrics label of their own (the default model first, then by "
+                                   "name); the rest share the label model=\"other\"")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, longest wait for in-flight requests")
     swap_timeout_s: float = _opt(120.0, "longest wait for every worker to switch to new weights")
     # Not an option: a token on the command line shows in `ps`. From HEADSWAP_ADMIN_TOKEN or the file.
@@ -135,6 +137,8 @@ class Settings(BaseSettings):
             problems.append(f"max_queue must be auto or an integer >= 0 (0: unbounded), found {self.max_queue!r}")
         if self.max_queue_wait_ms < 0:
             problems.append(f"max_queue_wait_ms must be >= 0 (0: no limit), found {self.max_queue_wait_ms}")
+        if self.metrics_max_models < 1:
+            problems.append(f"metrics_max_models must be >= 1, found {self.metrics_max_models}")
         if self.guard_window < 1:
             problems.append(f"guard_window must be >= 1, found {self.guard_window}")
         if not (0 <= self.guard_max_error_rate <= 1 and 0 <= self.guard_min_agreement <= 1):

@@ -161,12 +161,12 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
         await asyncio.sleep(0)  # both are in the decode pool now
         for following in (3, 0):
             with pytest.raises(GatewayTimeout):  # nobody answers: only the put matters here
-                await dispatcher.infer(image, slot="stable", top_k=1, following=following,
+                await dispatcher.infer(image, model="m", slot="stable", top_k=1, following=following,
                                        deadline=dispatcher.deadline())
         gate.set()
         await asyncio.gather(*decoding)
         with pytest.raises(GatewayTimeout):
-            await dispatcher.infer(image, slot="stable", top_k=1, deadline=dispatcher.deadline(0.01))
+            await dispatcher.infer(image, model="m", slot="stable", top_k=1, deadline=dispatcher.deadline(0.01))
 
     asyncio.run(scenario())
     assert [p["arriving"] for p in server.puts] == [2 + 3, 2, 0]
@@ -185,7 +185,7 @@ def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_tra
 
     async def scenario() -> None:
         with pytest.raises(GatewayTimeout):
-            await dispatcher.infer(torch.zeros(3, 4, 4, dtype=torch.uint8), slot="stable", top_k=1,
+            await dispatcher.infer(torch.zeros(3, 4, 4, dtype=torch.uint8), model="m", slot="stable", top_k=1,
                                    deadline=shorter)
 
     asyncio.run(scenario())

@@ -52,7 +52,7 @@ def test_nvjpeg_decodes_like_the_cpu_and_refuses_a_corrupt_file_alone() -> None:
 def test_bf16_engine_agrees_with_the_fp32_cpu_model(resnet18_ckpt: Path, device: str, on_device: bool) -> None:
     ckpt = load_checkpoint(resnet18_ckpt)
     engine = Engine(torch.device(device), "bf16")
-    engine.install("stable", engine.prepare(ckpt.state, ckpt.meta, ckpt.version, "ckpt"))
+    engine.install({("m", "stable"): engine.prepare(ckpt.state, ckpt.meta, ckpt.version, "ckpt")}, ["m"])
     if on_device:
         items = [Item("stable", None, top_k=7, jpeg=d) for d in IMAGES]
     else:

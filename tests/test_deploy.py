@@ -59,15 +59,16 @@ CHECKOV_SKIPS = {
 }
 
 # The metrics headswap exports, with their labels (besides the scrape's namespace/pod/job).
-HISTOGRAMS = {"headswap_request_duration_seconds": {"endpoint"}, "headswap_queue_wait_seconds": set(),
-              "headswap_inference_duration_seconds": {"slot"}, "headswap_batch_size": set(),
-              "headswap_swap_duration_seconds": set()}
+HISTOGRAMS = {"headswap_request_duration_seconds": {"endpoint", "model"}, "headswap_queue_wait_seconds": {"model"},
+              "headswap_inference_duration_seconds": {"model", "slot"}, "headswap_batch_size": set(),
+              "headswap_swap_duration_seconds": set(), "headswap_images_per_backbone_pass": set()}
 METRICS = {
-    "headswap_requests_total": {"endpoint", "status", "slot"},
+    "headswap_requests_total": {"endpoint", "status", "slot", "model"},
     "headswap_inflight_requests": set(),
-    "headswap_model_info": {"slot", "version", "arch", "num_classes"},
+    "headswap_model_info": {"model", "slot", "version", "arch", "num_classes"},
     "headswap_swaps_total": {"slot", "result"},
-    "headswap_canary_weight": set(),
+    "headswap_backbone_passes_total": {"backbone"},
+    "headswap_canary_weight": {"model"},
     "headswap_shadow_comparisons_total": set(),
     "headswap_shadow_agreements_total": set(),
     "headswap_rollbacks_total": {"reason"},
@@ -75,7 +76,7 @@ METRICS = {
     "headswap_rejected_total": {"reason"},
     "headswap_queue_depth": set(),
     "headswap_rollout_errors_total": set(),
-    "headswap_shadow_percent": set(),
+    "headswap_shadow_percent": {"model"},
     "headswap_state_generation": set(),
     "headswap_process_resident_memory_bytes": {"role", "pid"},
     **{f"{name}_{suffix}": labels | ({"le"} if suffix == "bucket" else set())
@@ -87,7 +88,7 @@ METRICS = {
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", "pid"}
 # What Grafana puts in place of its variables before a query reaches Prometheus.
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h",
-                "${namespace}": "headswap", "$namespace": "headswap"}
+                "${namespace}": "headswap", "$namespace": "headswap", "${model}": ".+", "$model": ".+"}
 
 
 # ---------------------------------------------------------------------------------------- tools

@@ -267,7 +267,7 @@ def test_guard_rolls_back_a_canary_that_disagrees(srv: Server, store: Path) -> N
     ({"checkpoint": "nan.safetensors"}, 422, "NaN or Inf"),
     ({"checkpoint": "squeeze.safetensors"}, 409, "architecture squeezenet1_1 does not match"),
     ({"checkpoint": "five.safetensors"}, 409, "5 classes where the stable slot has 7"),
-    ({"checkpoint": "five.safetensors", "mode": "merge"}, 409, "a merge needs resnet18 with 7"),
+    ({"checkpoint": "five.safetensors", "mode": "merge"}, 409, "has 5 classes where the model has 7, and tensors outside the head"),
     ({"checkpoint": "pickled.pt"}, 422, "refused to unpickle"),
     ({"checkpoint": "../outside/evil.safetensors"}, 400, "no absolute paths, no '..'"),
     ({"checkpoint": "/etc/passwd"}, 400, "relative path inside the checkpoint store"),

@@ -58,21 +58,28 @@ def test_counts_are_exact_across_processes(msrv: tuple[Server, Path, int]) -> No
     slots = [r.headers.get("X-Model-Slot") for r in responses[:40]]
     after = samples(f"{server.url}/metrics")
     delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
-    assert delta("headswap_requests_total", endpoint="predict", status="200", slot="stable") == slots.count("stable")
-    assert delta("headswap_requests_total", endpoint="predict", status="200", slot="canary") == slots.count("canary")
+    m = "resnet18-test"  # the served model, named by its checkpoint
+    assert delta("headswap_requests_total", endpoint="predict", status="200", slot="stable", model=m) == slots.count("stable")
+    assert delta("headswap_requests_total", endpoint="predict", status="200", slot="canary", model=m) == slots.count("canary")
     assert slots.count("canary") > 0 and slots.count("stable") > 0
-    assert delta("headswap_requests_total", endpoint="predict", status="400", slot="stable") + \
-        delta("headswap_requests_total", endpoint="predict", status="400", slot="canary") == 5
-    assert delta("headswap_requests_total", endpoint="predict", status="415", slot="none") == 3
-    assert delta("headswap_request_duration_seconds_count", endpoint="predict") == 48
-    assert delta("headswap_queue_wait_seconds_count") == 40
+    assert delta("headswap_requests_total", endpoint="predict", status="400", slot="stable", model=m) + \
+        delta("headswap_requests_total", endpoint="predict", status="400", slot="canary", model=m) == 5
+    assert delta("headswap_requests_total", endpoint="predict", status="415", slot="none", model=m) == 3
+    assert delta("headswap_request_duration_seconds_count", endpoint="predict", model=m) == 48
+    assert delta("headswap_queue_wait_seconds_count", model=m) == 40
     assert delta("headswap_input_errors_total", reason="not_an_image") == 5
     assert delta("headswap_input_errors_total", reason="content_type") == 3
     batches = delta("headswap_batch_size_count")
     assert delta("headswap_batch_size_sum") == 40 and 1 <= batches <= 40
-    assert delta("headswap_inference_duration_seconds_count", slot="stable") + \
-        delta("headswap_inference_duration_seconds_count", slot="canary") >= batches
-    assert value(after, "headswap_canary_weight") == 50
+    assert delta("headswap_inference_duration_seconds_count", model=m, slot="stable") + \
+        delta("headswap_inference_duration_seconds_count", model=m, slot="canary") >= batches
+    served = admin(server, "GET", "models").json()
+    backbones = {served["stable"]["backbone"], served["canary"]["backbone"]}  # two full checkpoints: two backbones
+    assert len(backbones) == 2
+    passes = sum(delta("headswap_backbone_passes_total", backbone=b) for b in backbones)
+    assert batches <= passes <= 2 * batches  # one pass per backbone a batch holds images of
+    assert delta("headswap_images_per_backbone_pass_sum") == 40
+    assert value(after, "headswap_canary_weight", model=m) == 50
     assert admin(server, "POST", "rollback").status_code == 200
 
 

@@ -14,7 +14,7 @@ from models import load_checkpoint, merge_state, state_version
 from service.control.audit import AuditLog
 from service.control.controller import Controller
 from service.control.rollout import RolloutFile
-from service.control.slots import ServingState, SharedState, SlotSpec
+from service.control.slots import ModelState, ServingState, SharedState, SlotSpec
 from service.control.store import CheckpointStore
 from service.errors import Conflict
 from service.http.errors import status_of
@@ -93,7 +93,7 @@ def test_read_only_rollout_file_refuses_admin_mutations(store: Path, tmp_path: P
 
     shared = SharedState(tmp_path / "state")
     shared.create_dirs()
-    shared.write(ServingState(1, SlotSpec("base.safetensors", version="x", meta={})))
+    shared.write(ServingState(1, {"m": ModelState(SlotSpec("base.safetensors", version="x", meta={}))}, "m"))
     controller = Controller(shared, CheckpointStore(store), 1, audit=AuditLog(None), validate=check_servable, rollout=ReadOnly(tmp_path / "spec.yaml"))
     with pytest.raises(Conflict, match="rollout file is read-only") as info:
         controller.set_canary(10, 0, "test")

@@ -44,7 +44,11 @@ class RepositoryRoutes:
                   ("/v2/repository/models/{name}/load", self.load, RepositoryLoadBody, "Serve a checkpoint as model {name}"),
                   ("/v2/repository/models/{name}/unload", self.unload, None, "Stop serving model {name}")]
         for path, handler, body, summary in routes:
-            extra = {"requestBody": {"required": False, "content": {"application/json": {"schema": schema(body)}}}} if body else {}
+            extra: dict[str, Any] = {"requestBody": {"required": False, "content": {"application/json": {"schema": schema(body)}}}
+                                     } if body else {}
+            if "{name}" in path:
+                extra["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                        "description": "the model's name (1-64 of A-Z a-z 0-9 _ . -)"}]
             app.add_api_route(path, guarded(self.authenticated(handler)), methods=["POST"], summary=summary,
                               response_model=None, openapi_extra=extra)
 

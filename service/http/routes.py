@@ -8,6 +8,7 @@ slot labels, duration, in-flight); errors become their status in ``service.http.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -43,9 +44,10 @@ class Routes:
     def install(self, app: FastAPI) -> None:
         """Replace LitServe's /predict and /health with ours and add /ready."""
         app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in ("/predict", "/health", "/")]
-        app.add_api_route("/predict", instrumented(self.predict, "predict", self.metrics), methods=["POST"],
+        app.add_api_route("/predict", instrumented(self.predict, "predict", self.metrics, self.plane.metric_model), methods=["POST"],
                           openapi_extra=PREDICT_OPENAPI, summary="Classify one image with the default model", response_model=None)
-        app.add_api_route("/models/{name}/predict", instrumented(self.predict, "predict", self.metrics), methods=["POST"],
+        app.add_api_route("/models/{name}/predict", instrumented(self.predict, "predict", self.metrics, self.plane.metric_model),
+                          methods=["POST"],
                           openapi_extra={**PREDICT_OPENAPI, "parameters": [NAME_PARAMETER, *PREDICT_OPENAPI["parameters"]]},
                           summary="Classify one image with model {name}", response_model=None)
         app.add_api_route("/models", guarded(self.models), methods=["GET"], summary="Every served model",
@@ -101,8 +103,9 @@ def header_timeout_s(request: Request) -> float | None:
     return int(value) / 1000
 
 
-def instrumented(handler: Handler, endpoint_label: str, metrics: Metrics) -> Handler:
-    """``guarded`` plus the request metrics: in-flight, count by status and slot, duration."""
+def instrumented(handler: Handler, endpoint_label: str, metrics: Metrics, model_label: Callable[[str | None], str]) -> Handler:
+    """``guarded`` plus the request metrics: in-flight, count by status, slot and model, duration.
+    ``model_label`` labels the model a path names (its ``name``; None: the default model)."""
     inner = guarded(handler)
 
     async def endpoint(request: Request) -> Response:
@@ -114,8 +117,9 @@ def instrumented(handler: Handler, endpoint_label: str, metrics: Metrics) -> Han
             metrics.inflight.dec()
         status = response.status_code
         slot = response.headers.get("x-model-slot") or getattr(request.state, "slot", None) or "none"
-        metrics.requests.labels(endpoint_label, str(status), slot).inc()
-        metrics.request_duration.labels(endpoint_label).observe(time.perf_counter() - started)
+        model = model_label(request.path_params.get("name"))
+        metrics.requests.labels(endpoint_label, str(status), slot, model).inc()
+        metrics.request_duration.labels(endpoint_label, model).observe(time.perf_counter() - started)
         if 400 <= status < 500:
             metrics.input_errors.labels(getattr(request.state, "error_reason", "invalid")).inc()
         return response

@@ -28,10 +28,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 class ShedEarly:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
-                 refusal: Callable[[int], Overloaded | None], metrics: Metrics) -> None:
+                 refusal: Callable[[int], Overloaded | None], metrics: Metrics, model_label: Callable[[str | None], str]) -> None:
         self.app = app
         self.refusal = refusal
         self.metrics = metrics
+        self.model_label = model_label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not _is_predict(scope["path"]):
@@ -45,13 +46,17 @@ class ShedEarly:
         response = error_response(refused)  # the route's own answer to Overloaded: body, status, Retry-After
         await response(scope, receive, send)
         self.metrics.rejected.labels(refused.reason).inc()
-        self.metrics.requests.labels("predict", str(response.status_code), "none").inc()
-        self.metrics.request_duration.labels("predict").observe(time.perf_counter() - started)
+        model = self.model_label(_model_named(scope["path"]))
+        self.metrics.requests.labels("predict", str(response.status_code), "none", model).inc()
+        self.metrics.request_duration.labels("predict", model).observe(time.perf_counter() - started)
 
 
 def _is_predict(path: str) -> bool:
     """``/predict`` or ``/models/{name}/predict`` (a name without slashes)."""
-    if path == "/predict":
-        return True
+    return path == "/predict" or bool(_model_named(path))
+
+
+def _model_named(path: str) -> str | None:
+    """The ``name`` of ``/models/{name}/predict``; None for any other path."""
     head, _, name = path.removesuffix("/predict").partition("/models/")
-    return path.endswith("/predict") and head == "" and bool(name) and "/" not in name
+    return name if path.endswith("/predict") and head == "" and name and "/" not in name else None

@@ -49,7 +49,7 @@ class V2Routes:
                               openapi_extra={**params, **METADATA_OPENAPI}, **get)
             app.add_api_route(f"{base}/ready", guarded(self.model_ready), summary="V2 model readiness",
                               openapi_extra=params, **get)
-            app.add_api_route(f"{base}/infer", instrumented(self.infer, "v2_infer", self.metrics), methods=["POST"],
+            app.add_api_route(f"{base}/infer", instrumented(self.infer, "v2_infer", self.metrics, self.plane.metric_model), methods=["POST"],
                               response_model=None, summary="V2 inference (IMAGE BYTES or PIXELS FP32 -> PROBABILITIES)",
                               openapi_extra={**INFER_OPENAPI, "parameters": [*params["parameters"], TIMEOUT_PARAMETER]})
 

@@ -29,7 +29,7 @@ from service.control.slots import SLOT_NAMES, ModelState, ServingState, SharedSt
 from service.errors import SERVER_SIDE, NotFound, NotReady, Overloaded, RequestError
 from service.inference.admission import Ticket
 from service.inference.dispatch import Dispatcher, ModelView, Result
-from service.observability.metrics import Metrics
+from service.observability.metrics import NO_MODEL, Metrics, model_label
 from service.protocols.admin import check_model_name
 
 log = logging.getLogger("headswap.inference")
@@ -73,7 +73,8 @@ class DataPlane:
     """Inference for every model of one server; one per API-server process (built before they fork)."""
 
     def __init__(self, dispatcher: Dispatcher, shared: SharedState, *, is_ready: Callable[[], bool],
-                 is_serving: Callable[[], bool], metrics: Metrics, guard: CanaryGuard, controller: Controller) -> None:
+                 is_serving: Callable[[], bool], metrics: Metrics, guard: CanaryGuard, controller: Controller,
+                 metrics_max_models: int = 100) -> None:
         self.dispatcher = dispatcher
         self.shared = shared
         self.is_ready = is_ready
@@ -81,6 +82,7 @@ class DataPlane:
         self.metrics = metrics
         self.guard = guard
         self.controller = controller
+        self.metrics_max_models = metrics_max_models
         self._views: tuple[int, dict[str, dict[str, ModelView]]] = (-1, {})
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -128,6 +130,15 @@ class DataPlane:
                 return slot
         raise NotFound(f"model {self.model_of(name)!r} has no served version {version[:80]!r} (serving: "
                        f"{', '.join(v.version for v in views.values())})", reason="version")
+
+    def metric_model(self, name: str | None) -> str:
+        """The ``model`` metrics label of a request that names ``name`` (None: the default model):
+        "none" when it names no served model, "other" beyond --metrics-max-models."""
+        state = self.state()
+        name = state.default if name is None else name
+        if name not in state.models:
+            return NO_MODEL
+        return model_label(name, state.names(), self.metrics_max_models)
 
     def resident(self) -> set[str]:
         """The served models whose weights every inference worker holds."""
@@ -196,6 +207,7 @@ class DataPlane:
             if slot == "canary" and isinstance(exc, SERVER_SIDE) and canary is not None:
                 self._judge(model, self.guard.record_canary(canary.version, True))
             raise
+        self.metrics.queue_wait.labels(self.metric_model(model)).observe(result.queue_wait_s)
         if result.slot == "canary":
             self._judge(model, self.guard.record_canary(result.version, False))
         if result.shadow is not None:

@@ -131,10 +131,7 @@ class Dispatcher:
                                  "it was queued: --timeout-s or the request's own timeout)", reason="timeout") from None
         finally:
             self.server.response_buffer.pop(uid, None)
-        result = _result(data, arrived, self.admission)
-        if self.metrics is not None:
-            self.metrics.queue_wait.observe(result.queue_wait_s)
-        return result
+        return _result(data, arrived, self.admission)
 
 
 def _prepare(data: bytes, limits: DecodeLimits, meta: CheckpointMeta, on_worker: bool) -> torch.Tensor | bytes:

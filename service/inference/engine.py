@@ -89,6 +89,7 @@ class Entry:
     """An item of a batch for one version: its answer, or (``shadow``) the canary's comparison."""
 
     item: int
+    model: str
     slot: str
     loaded: Loaded
     shadow: bool = False
@@ -115,9 +116,9 @@ class Engine:
         self.device = device
         self.precision = precision
         self.slots: dict[tuple[str, str], Loaded] = {}  # (model, slot) -> what it serves
-        self.default = ""  # the default model's name
+        self.names: list[str] = []  # the served models, the default first
         self._backbones: weakref.WeakValueDictionary[tuple[str, str, str], Backbone] = weakref.WeakValueDictionary()
-        self.timings: dict[str, float] = {}  # forward seconds per slot of the last run()
+        self.timings: dict[tuple[str, str], float] = {}  # forward seconds per (model, slot) of the last run()
         self.passes: list[BackbonePass] = []  # backbone passes of the last run()
         self.decoded = 0  # JPEGs the last run() decoded on the device
 
@@ -142,10 +143,11 @@ class Engine:
         self._warm_up(loaded)
         return loaded
 
-    def install(self, served: dict[tuple[str, str], Loaded], default: str) -> None:
-        """Serve exactly ``served`` ((model, slot) -> version), ``default`` answering for "". Between batches only."""
+    def install(self, served: dict[tuple[str, str], Loaded], names: list[str]) -> None:
+        """Serve exactly ``served`` ((model, slot) -> version) of the models ``names``, the first of them (the
+        default) answering for "". Between batches only."""
         self.slots = dict(served)
-        self.default = default
+        self.names = list(names)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of the tensors of the served backbones and heads, each counted once."""
@@ -155,7 +157,7 @@ class Engine:
 
     def _served(self, item: Item) -> tuple[tuple[str, str], Loaded] | RequestError:
         """What answers ``item``: its model's slot, that model's stable slot once the canary is gone."""
-        model = item.model or self.default
+        model = item.model or (self.names[0] if self.names else "")
         for slot in (item.slot, "stable"):
             if (model, slot) in self.slots:
                 return (model, slot), self.slots[(model, slot)]
@@ -175,10 +177,10 @@ class Engine:
                 answers[i] = served
                 continue
             (model, slot), loaded = served
-            groups.setdefault(loaded.pass_key, []).append(Entry(i, slot, loaded))
+            groups.setdefault(loaded.pass_key, []).append(Entry(i, model, slot, loaded))
             canary = self.slots.get((model, "canary"))
             if item.shadow and slot == "stable" and canary is not None:
-                groups.setdefault(canary.pass_key, []).append(Entry(i, "canary", canary, shadow=True))
+                groups.setdefault(canary.pass_key, []).append(Entry(i, model, "canary", canary, shadow=True))
         for group in groups.values():
             self._one_pass(items, group, answers, shadows)
         for i, shadow in shadows.items():
@@ -214,7 +216,7 @@ class Engine:
         for entry in runs:
             version = entry.loaded.version
             row, taken[version] = probs[version][taken[version]], taken[version] + 1
-            self.timings[entry.slot] = seconds
+            self.timings[(entry.model, entry.slot)] = seconds
             if entry.shadow:
                 shadows[entry.item] = (version, int(np.argmax(row)))
             else:

@@ -53,7 +53,7 @@ class SlotFollower:
         spares = [v for v in self.warm if v not in keep]
         for version in spares[:max(0, len(spares) - KEEP_SPARE)]:  # the least recently used go first
             del self.warm[version]
-        return Prepared(served, state.default)
+        return Prepared(served, state.names())
 
     def _loaded(self, spec: SlotSpec) -> Loaded:
         if spec.version in self.warm:
@@ -68,7 +68,7 @@ class SlotFollower:
         return prepared
 
     def _install(self, generation: int, prepared: Prepared) -> None:
-        self.engine.install(prepared.served, prepared.default)
+        self.engine.install(prepared.served, prepared.names)
         self.applied = generation
         self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions()))
 
@@ -80,7 +80,7 @@ class SlotFollower:
 
 
 class Prepared(NamedTuple):
-    """A generation made ready beside the served one: every (model, slot)'s version, and the default model."""
+    """A generation made ready beside the served one: every (model, slot)'s version, and the models, the default first."""
 
     served: dict[tuple[str, str], Loaded]
-    default: str
+    names: list[str]

@@ -31,7 +31,7 @@ from service.errors import GatewayTimeout, InternalError, Overloaded, RequestErr
 from service.inference.admission import QueueLedger
 from service.inference.engine import Answer, Engine, Item, resolve_precision
 from service.inference.follower import SlotFollower
-from service.observability.metrics import Metrics
+from service.observability.metrics import Metrics, model_label
 
 log = logging.getLogger("headswap.worker")
 IDLE_POLL_S = 0.05  # how often an idle worker passes its control point
@@ -50,6 +50,7 @@ class WorkerConfig:
     decode_on_worker: bool = False
     solo_threads: int = 0  # intra-op threads for a batch that runs alone (no other worker busy, nothing queued); 0: threads
     max_queue_wait_s: float = 0.0  # 0: no limit but each item's deadline
+    metrics_max_models: int = 100
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -125,8 +126,8 @@ class ClassifierAPI(ls.LitAPI):
             self.metrics.worker_decodes.inc(self.engine.decoded)
         if self.engine.device.type == "cuda":
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.engine.device))
-        for slot, seconds in self.engine.timings.items():
-            self.metrics.inference.labels(slot).observe(seconds)
+        for (model, slot), seconds in self.engine.timings.items():
+            self.metrics.inference.labels(model_label(model, self.engine.names, self.config.metrics_max_models), slot).observe(seconds)
         for one in self.engine.passes:
             self.metrics.backbone_passes.labels(one.backbone_version).inc()
             self.metrics.images_per_backbone_pass.observe(one.images)

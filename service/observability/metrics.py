@@ -14,7 +14,7 @@ and ``exposition`` builds a fresh registry per scrape.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,27 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1, 2, 4, ... 256
 
 
+OTHER_MODELS = "other"  # the model label of the served models beyond --metrics-max-models
+NO_MODEL = "none"  # the model label of a request that named no served model
+
+
+def model_label(name: str, names: Sequence[str], cap: int) -> str:
+    """The ``model`` label of served model ``name``: its name when it is among the first ``cap`` of
+    ``names`` (the served models, the default first: the same order in every process), else "other"."""
+    return name if name in names[:cap] else OTHER_MODELS
+
+
 class Metrics:
     def __init__(self) -> None:
         r = CollectorRegistry()
-        self.requests = Counter("headswap_requests_total", "Finished inference requests", ["endpoint", "status", "slot"], registry=r)
+        self.requests = Counter("headswap_requests_total", "Finished inference requests", ["endpoint", "status", "slot", "model"],
+                                registry=r)
         self.request_duration = Histogram("headswap_request_duration_seconds", "Arrival to response, errors included",
-                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+                                          ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("headswap_queue_wait_seconds", "Arrival to the start of the batch that served it",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("headswap_inference_duration_seconds", "Forward pass per batch", ["slot"],
-                                   buckets=LATENCY_BUCKETS, registry=r)
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("headswap_inference_duration_seconds", "Forward pass per batch and served version",
+                                   ["model", "slot"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("headswap_batch_size", "Images per executed batch", buckets=BATCH_BUCKETS, registry=r)
         self.worker_decodes = Counter("headswap_worker_decoded_images_total",
                                       "JPEGs decoded by the inference workers on their device (--decode-on worker)", registry=r)

@@ -1,0 +1,115 @@
+"""Many models over a server's life: a rollout spec with ``models:``, a restart, SIGTERM under mixed load."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from models import load_checkpoint
+from tests.server import run_server, stop, wait_gone
+from tests.test_hotswap import TOKEN, admin
+from tests.test_many_models import IMAGES, make_store, predict
+from tests.test_rollout import models_of, wait_for
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lifecycle-store")
+    make_store(root)
+    return root
+
+
+def names(server) -> list[str]:  # noqa: ANN001
+    return [m["name"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"]]
+
+
+def test_a_rollout_spec_adds_changes_and_removes_models(store: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"revision": "r1", "models": {
+        "shapes": {"stable": {"checkpoint": "shapes.safetensors"}},
+        "glyphs": {"stable": {"checkpoint": "shapes.safetensors", "merge": ["glyphs-head.safetensors"]}}}}, sort_keys=False))
+    glyphs = load_checkpoint(store / "glyphs.safetensors").version
+    glyphs_v2 = load_checkpoint(store / "glyphs-v2.safetensors").version
+    with run_server(store / "shapes.safetensors", tmp_path, "--rollout-file", str(spec), "--checkpoint-dir", str(store),
+                    env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as server:
+        assert names(server) == ["shapes", "glyphs"]
+        # a head merged onto the shapes checkpoint is the glyphs model, bit for bit, on the shared backbone
+        assert predict(server, "glyphs", IMAGES[0]).headers["X-Model-Version"] == glyphs
+        catalog = requests.get(f"{server.url}/models", timeout=10).json()["models"]
+        assert catalog[0]["backbone"] == catalog[1]["backbone"]
+        # add one, change one (a canary), keep one, and one malformed entry: refused alone
+        spec.write_text(yaml.safe_dump({"revision": "r2", "models": {
+            "shapes": {"stable": {"checkpoint": "shapes.safetensors"}},
+            "glyphs": {"stable": {"checkpoint": "shapes.safetensors", "merge": ["glyphs-head.safetensors"]},
+                       "canary": {"checkpoint": "glyphs-v2-head.safetensors", "mode": "merge", "weight": 100}},
+            "other": {"stable": {"checkpoint": "other.safetensors"}},
+            "broken": {"stable": {"checkpoint": "other.safetensors", "weight": 3}}}}, sort_keys=False))
+        wait_for(lambda: "other" in names(server) and models_of(server)["converged"])  # every worker switched
+        assert names(server) == ["shapes", "glyphs", "other"]
+        assert predict(server, "glyphs", IMAGES[0]).headers["X-Model-Version"] == glyphs_v2
+        assert predict(server, "other", IMAGES[0]).status_code == 200
+        state = models_of(server)
+        assert state["rollout_error"] == ("rollout spec entries refused: broken: rollout file spec.yaml: models.broken: "
+                                          "stable has unknown keys ['weight']")
+        assert state["revision"] == "r1"  # the last spec applied in full
+        assert state["models"]["glyphs"]["canary_weight"] == 100
+        # remove one: its routes are gone
+        spec.write_text(yaml.safe_dump({"revision": "r3", "models": {
+            "shapes": {"stable": {"checkpoint": "shapes.safetensors"}},
+            "other": {"stable": {"checkpoint": "other.safetensors"}}}}, sort_keys=False))
+        wait_for(lambda: names(server) == ["shapes", "other"] and models_of(server)["converged"])
+        assert predict(server, "glyphs", IMAGES[0]).status_code == 404
+        assert models_of(server)["revision"] == "r3" and models_of(server)["rollout_error"] is None
+
+
+def test_a_restarted_server_serves_every_model_it_served(store: Path, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    args = ("--state-dir", str(state_dir), "--model", f"glyphs={store / 'glyphs.safetensors'}")
+    env = {"HEADSWAP_ADMIN_TOKEN": TOKEN}
+    with run_server(store / "shapes.safetensors", tmp_path, *args, env=env) as server:
+        loaded = requests.post(f"{server.url}/v2/repository/models/other/load", headers={"Authorization": f"Bearer {TOKEN}"},
+                               timeout=300)
+        assert loaded.status_code == 200, loaded.text
+        assert admin(server, "POST", "load", {"model": "glyphs", "checkpoint": "glyphs-v2-head.safetensors",
+                                              "slot": "canary", "mode": "merge"}).status_code == 200
+        before = models_of(server)["models"]
+    with run_server(store / "shapes.safetensors", tmp_path, *args, env=env) as server:
+        assert names(server) == ["shapes", "glyphs", "other"]
+        assert models_of(server)["models"] == before
+        for name in ("shapes", "glyphs", "other"):
+            assert predict(server, name, IMAGES[1]).status_code == 200
+
+
+def test_sigterm_under_mixed_load_exits_0_and_leaves_nothing(store: Path, tmp_path: Path) -> None:
+    with run_server(store / "shapes.safetensors", tmp_path, "--model", f"glyphs={store / 'glyphs.safetensors'}",
+                    "--model", f"other={store / 'other.safetensors'}") as server:
+        results: list[int] = []
+        started = threading.Event()
+
+        def client(model: str) -> None:
+            session = requests.Session()
+            for i in range(200):
+                try:
+                    response = session.post(f"{server.url}/models/{model}/predict", data=IMAGES[i % len(IMAGES)],
+                                            headers={"Content-Type": "image/jpeg"}, timeout=30)
+                except requests.ConnectionError:
+                    return  # the server stopped accepting: expected after SIGTERM
+                results.append(response.status_code)
+                started.set()
+
+        threads = [threading.Thread(target=client, args=(model,)) for model in ("shapes", "glyphs", "other", "glyphs")]
+        for thread in threads:
+            thread.start()
+        assert started.wait(60)
+        server.proc.send_signal(signal.SIGTERM)
+        code = stop(server)
+        for thread in threads:
+            thread.join(60)
+        assert code == 0, server.output()[-3000:]
+        assert results and set(results) == {200}
+        assert wait_gone(server.proc.pid) == []
