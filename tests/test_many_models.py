@@ -33,6 +33,7 @@ from models import (
     save_checkpoint,
 )
 from models.shared import backbone_version
+from service.observability.metrics import model_label
 from tests.images import jpeg
 from tests.server import HEADSWAP, Server, run_server
 from tests.test_hotswap import TOKEN, admin
@@ -336,3 +337,26 @@ def test_a_head_only_canary_of_one_model_shadows_on_the_shared_backbone(many: tu
     assert response.json()["error"] == "unknown model 'nope': this server serves 'shapes', 'glyphs', 'other'"
     response = admin(server, "POST", "canary", {"model": "bad name", "weight": 1})
     assert response.status_code == 400
+
+
+def test_requests_are_counted_per_model(many: tuple[Server, Path, dict[str, str]]) -> None:
+    server, _, _ = many
+    before = samples(f"{server.url}/metrics")
+    for model in ("glyphs", "glyphs", "other", "nope"):
+        predict(server, model, IMAGES[0])
+    after = samples(f"{server.url}/metrics")
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("headswap_requests_total", endpoint="predict", status="200", slot="stable", model="glyphs") == 2
+    assert delta("headswap_requests_total", endpoint="predict", status="200", slot="stable", model="other") == 1
+    assert delta("headswap_requests_total", endpoint="predict", status="404", slot="none", model="none") == 1
+    assert delta("headswap_queue_wait_seconds_count", model="glyphs") == 2
+    assert delta("headswap_inference_duration_seconds_count", model="glyphs", slot="stable") >= 1
+
+
+def test_the_model_label_is_capped() -> None:
+    names = ["default", "a", "b"]
+    assert [model_label(n, names, 2) for n in names] == ["default", "a", "other"]
+    assert [model_label(n, names, 100) for n in names] == names
