@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_DIR ?= demo
 DEMO_CKPT := $(DEMO_DIR)/demo.safetensors
+DEMO_GLYPHS := $(DEMO_DIR)/glyphs.safetensors
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -39,11 +40,17 @@ $(DEMO_CKPT): | $(VENV)/.installed
 	$(VENV)/bin/headswap demo-data $(DEMO_DIR)/data --task shapes
 	$(VENV)/bin/headswap finetune --arch resnet18 --data $(DEMO_DIR)/data --out $(DEMO_CKPT)
 
-demo-checkpoint: $(DEMO_CKPT)
+# A second model on the same backbone: a glyphs head trained on the shapes network, frozen.
+$(DEMO_GLYPHS): $(DEMO_CKPT)
+	$(VENV)/bin/headswap demo-data $(DEMO_DIR)/glyphs-data --task glyphs
+	$(VENV)/bin/headswap finetune --arch resnet18 --from $(DEMO_CKPT) --train head --data $(DEMO_DIR)/glyphs-data --out $(DEMO_GLYPHS)
 
+demo-checkpoint: $(DEMO_CKPT) $(DEMO_GLYPHS)
+
+# Two models, one backbone: POST /predict (or /models/demo/predict) and /models/glyphs/predict.
 demo: install demo-checkpoint
 	$(VENV)/bin/headswap inspect $(DEMO_CKPT)
-	$(VENV)/bin/headswap serve --checkpoint $(DEMO_CKPT) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/headswap serve --checkpoint $(DEMO_CKPT) --model glyphs=$(DEMO_GLYPHS) --host $(HOST) --port $(PORT)
 
 $(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e ".[bench]"

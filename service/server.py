@@ -107,7 +107,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     ledger = QueueLedger(workers)
     admission = Admission(ledger, settings.queue_bound, floor=2 * settings.max_batch_size * workers)
     controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
-                            validate=check_servable, rollout=rollout, metrics=metrics, swap_timeout_s=settings.swap_timeout_s)
+                            validate=check_servable, rollout=rollout, metrics=metrics, swap_timeout_s=settings.swap_timeout_s,
+                            memory_budget_bytes=settings.memory_budget_bytes)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
     server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers))
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
@@ -166,7 +167,7 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
         max_batch_size=settings.max_batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000,
         timeout_s=settings.timeout_s, log_level=settings.log_level, decode_on_worker=settings.decode_on == "worker",
         solo_threads=solo_threads, max_queue_wait_s=settings.max_queue_wait_ms / 1000,
-        metrics_max_models=settings.metrics_max_models,
+        metrics_max_models=settings.metrics_max_models, memory_budget_bytes=settings.memory_budget_bytes,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,

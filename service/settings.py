@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     guard_window: int = _opt(200, "canary guard: judge the last N canary requests / shadow comparisons")
     guard_max_error_rate: float = _opt(0.05, "canary guard: roll back above this canary error rate")
     guard_min_agreement: float = _opt(0.0, "canary guard: roll back below this shadow top-1 agreement (0: off)")
+    memory_budget_mb: float = _opt(0.0, "each inference worker's resident weights (backbones and heads, bytes of tensors) "
+                                   "at most this many MiB: over it, the least recently used idle model is evicted and "
+                                   "loaded again when a request needs it; a model that cannot fit alone is refused at "
+                                   "load (0: no bound)")
     metrics_max_models: int = _opt(100, "models with a metrics label of their own (the default model first, then by "
                                    "name); the rest share the label model=\"other\"")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, longest wait for in-flight requests")
@@ -137,6 +141,8 @@ class Settings(BaseSettings):
             problems.append(f"max_queue must be auto or an integer >= 0 (0: unbounded), found {self.max_queue!r}")
         if self.max_queue_wait_ms < 0:
             problems.append(f"max_queue_wait_ms must be >= 0 (0: no limit), found {self.max_queue_wait_ms}")
+        if self.memory_budget_mb < 0:
+            problems.append(f"memory_budget_mb must be >= 0 (0: no bound), found {self.memory_budget_mb}")
         if self.metrics_max_models < 1:
             problems.append(f"metrics_max_models must be >= 1, found {self.metrics_max_models}")
         if self.guard_window < 1:
@@ -159,6 +165,10 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * 2**20)
 
     @property
     def named_models(self) -> list[tuple[str, str]]:

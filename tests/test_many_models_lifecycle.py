@@ -1,4 +1,5 @@
-"""Many models over a server's life: a rollout spec with ``models:``, a restart, SIGTERM under mixed load."""
+"""Many models over a server's life: a rollout spec with ``models:``, a restart, SIGTERM under mixed load, a
+memory budget."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 
-from models import load_checkpoint
+from models import CheckpointMeta, build_classifier, load_checkpoint, save_checkpoint
 from tests.server import run_server, stop, wait_gone
 from tests.test_hotswap import TOKEN, admin
-from tests.test_many_models import IMAGES, make_store, predict
+from tests.test_many_models import IMAGES, _queued_while_paused, make_store, offline, predict, probabilities
+from tests.test_metrics import samples, value
 from tests.test_rollout import models_of, wait_for
 
 
@@ -113,3 +116,54 @@ def test_sigterm_under_mixed_load_exits_0_and_leaves_nothing(store: Path, tmp_pa
         assert code == 0, server.output()[-3000:]
         assert results and set(results) == {200}
         assert wait_gone(server.proc.pid) == []
+
+
+def test_a_memory_budget_evicts_the_least_recently_used_and_loads_it_again(store: Path, tmp_path: Path) -> None:
+    # resnet18's backbone is ~43 MiB, resnet50 ~90: 60 MiB holds one resnet18 backbone (shapes and glyphs share theirs)
+    torch.manual_seed(4)
+    save_checkpoint(store / "big.safetensors", build_classifier("resnet50", 3).state_dict(),
+                    CheckpointMeta.for_arch("resnet50", ["a", "b", "c"]))
+    with run_server(store / "shapes.safetensors", tmp_path, "--model", f"glyphs={store / 'glyphs.safetensors'}",
+                    "--model", f"other={store / 'other.safetensors'}", "--workers-per-device", "1",
+                    "--memory-budget-mb", "60", env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as server:
+        expected = {name: offline(store / f"{name}.safetensors", IMAGES[0]) for name in ("shapes", "glyphs", "other")}
+        before = samples(f"{server.url}/metrics")
+        for name in ("other", "shapes", "glyphs", "other", "glyphs"):  # each switch of backbone evicts the other one
+            response = predict(server, name, IMAGES[0])
+            assert response.status_code == 200, response.text
+            assert probabilities(response) == pytest.approx(expected[name], abs=1e-4)
+        after = samples(f"{server.url}/metrics")
+        cold = sum(value(after, "headswap_model_loads_total", model=m, reason="cold")
+                   - value(before, "headswap_model_loads_total", model=m, reason="cold") for m in expected)
+        evicted = sum(value(after, "headswap_model_evictions_total", model=m)
+                      - value(before, "headswap_model_evictions_total", model=m) for m in expected)
+        assert cold >= 3 and evicted >= 3
+        resident = sum(value(after, "headswap_resident_bytes", kind=kind) for kind in ("backbone", "head"))
+        assert 0 < resident <= 60 * 2**20
+        catalog = {m["name"]: m["resident"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"]}
+        # the last request was glyphs': other's backbone went to make room, and shapes' head went with the
+        # least recently used before (its backbone stays: glyphs' head needs it)
+        assert catalog == {"shapes": False, "glyphs": True, "other": False}
+        index = {m["name"]: m for m in requests.post(f"{server.url}/v2/repository/index", timeout=10,
+                                                      headers={"Authorization": f"Bearer {TOKEN}"}).json()}
+        assert (index["other"]["state"], index["glyphs"]["reason"]) == ("READY", "")
+        assert index["other"]["reason"].startswith("evicted")
+        # a model that cannot fit at all is refused, and nothing changes
+        response = requests.post(f"{server.url}/v2/repository/models/big/load", timeout=300,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 422
+        assert response.json()["error"].startswith("'big.safetensors' needs 89.")
+        assert response.json()["error"].endswith("MiB of weights, over each worker's --memory-budget-mb 60")
+        assert names(server) == ["shapes", "glyphs", "other"]
+
+
+def test_concurrent_requests_for_a_cold_model_load_it_once(store: Path, tmp_path: Path) -> None:
+    with run_server(store / "shapes.safetensors", tmp_path, "--model", f"other={store / 'other.safetensors'}",
+                    "--workers-per-device", "1", "--memory-budget-mb", "60", env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as server:
+        assert predict(server, "shapes", IMAGES[0]).status_code == 200  # other is evicted now
+        before = samples(f"{server.url}/metrics")
+        responses = _queued_while_paused(server, ["other"] * 4)
+        after = samples(f"{server.url}/metrics")
+        assert [r.status_code for r in responses] == [200] * 4
+        assert value(after, "headswap_model_loads_total", model="other", reason="cold") - \
+            value(before, "headswap_model_loads_total", model="other", reason="cold") == 1

@@ -67,7 +67,8 @@ Validator = Callable[[dict[str, torch.Tensor], Any, str], None]
 
 class Controller:
     def __init__(self, shared: SharedState, store: CheckpointStore, workers: int, *, audit: AuditLog, validate: Validator,
-                 rollout: RolloutFile | None = None, metrics: Metrics | None = None, swap_timeout_s: float = 120.0) -> None:
+                 rollout: RolloutFile | None = None, metrics: Metrics | None = None, swap_timeout_s: float = 120.0,
+                 memory_budget_bytes: int = 0) -> None:
         self.shared = shared
         self.store = store
         self.workers = workers
@@ -76,6 +77,7 @@ class Controller:
         self.rollout = rollout
         self.metrics = metrics
         self.swap_timeout_s = swap_timeout_s
+        self.memory_budget_bytes = memory_budget_bytes
         self.live = False  # no workers to wait for until start-up is done
 
     # ---- building candidates -------------------------------------------------------------
@@ -104,6 +106,10 @@ class Controller:
             name = Path(exc.path).name  # never show the server's paths: name files as the store does
             raise Unprocessable(f"checkpoint {name!r}: {exc.reason.replace(exc.path, name)}", reason="unreadable") from None
         version = state_version(state)
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        if self.memory_budget_bytes and size > self.memory_budget_bytes:
+            raise Unprocessable(f"{checkpoint!r} needs {size / 2**20:.1f} MiB of weights, over each worker's "
+                                f"--memory-budget-mb {self.memory_budget_bytes / 2**20:g}", reason="memory_budget")
         self._validate_weights(state, meta, version)
         blob = self.shared.blob(version)
         if not blob.exists():

@@ -135,6 +135,7 @@ class WorkerAck:
     generation: int
     versions: dict[str, dict[str, str]]  # model -> slot -> version
     error: str | None = None
+    resident: list[str] | None = None  # the models whose weights it holds (None: all it serves)
 
 
 class SharedState:

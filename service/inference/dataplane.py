@@ -142,7 +142,7 @@ class DataPlane:
 
     def resident(self) -> set[str]:
         """The served models whose weights every inference worker holds."""
-        held = [set(ack.versions) for ack in self.shared.acks().values()]
+        held = [set(ack.versions if ack.resident is None else ack.resident) for ack in self.shared.acks().values()]
         return set(self.state().models).intersection(*held) if held else set()
 
     def view_of(self, model: str, version: str) -> ModelView | None:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -68,14 +69,19 @@ class Answer:
 
 @dataclass
 class Loaded:
-    """A served version as it runs: its head, the backbone it shares, and what it is."""
+    """A served version as it runs: its head, the backbone it shares, and what it is. Evicted (over
+    --memory-budget-mb), ``backbone`` and ``head`` are None until it is loaded again."""
 
-    backbone: Backbone
-    head: Head
+    backbone: Backbone | None
+    head: Head | None
     meta: CheckpointMeta
     version: str
     checkpoint: str
     backbone_version: str
+
+    @property
+    def resident(self) -> bool:
+        return self.head is not None
 
     @property
     def pass_key(self) -> tuple[object, ...]:
@@ -112,9 +118,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Engine:
     """The served versions of one worker and the forward pass over mixed batches."""
 
-    def __init__(self, device: torch.device, precision: str) -> None:
+    def __init__(self, device: torch.device, precision: str, *, budget_bytes: int = 0,
+                 reload: Callable[[str], tuple[dict[str, torch.Tensor], CheckpointMeta]] | None = None) -> None:
         self.device = device
         self.precision = precision
+        self.budget_bytes = budget_bytes  # resident backbones and heads at most (0: no bound)
+        self.reload = reload  # a served version's state and meta, to load it again once evicted
+        self.last_used: dict[str, float] = {}  # version -> when a batch last needed it
+        self.events: list[tuple[str, str, str]] = []  # ("load", version, reason) / ("evict", version, ""), not yet counted
         self.slots: dict[tuple[str, str], Loaded] = {}  # (model, slot) -> what it serves
         self.names: list[str] = []  # the served models, the default first
         self._backbones: weakref.WeakValueDictionary[tuple[str, str, str], Backbone] = weakref.WeakValueDictionary()
@@ -129,6 +140,13 @@ class Engine:
         Raises IncompatibleCheckpointError if the state does not fit, ValueError if the
         warm-up gives non-finite outputs or the wrong shape.
         """
+        backbone, head, backbone_ver = self._build(state, meta, checkpoint)
+        loaded = Loaded(backbone, head, meta, version, checkpoint, backbone_ver)
+        self._warm_up(loaded)
+        return loaded
+
+    def _build(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, checkpoint: str) -> tuple[Backbone, Head, str]:
+        """The head of ``state`` on the resident backbone of its backbone version, else on a new one."""
         backbone_ver = backbone_version(meta.arch, state)
         key = (meta.arch, backbone_ver, json.dumps(meta.arch_kwargs, sort_keys=True))
         backbone = self._backbones.get(key)
@@ -139,21 +157,54 @@ class Engine:
             self._backbones[key] = backbone
         else:
             head = head_from_state(backbone, state, meta, where=checkpoint)
-        loaded = Loaded(backbone, head, meta, version, checkpoint, backbone_ver)
-        self._warm_up(loaded)
-        return loaded
+        return backbone, head, backbone_ver
 
     def install(self, served: dict[tuple[str, str], Loaded], names: list[str]) -> None:
         """Serve exactly ``served`` ((model, slot) -> version) of the models ``names``, the first of them (the
         default) answering for "". Between batches only."""
         self.slots = dict(served)
         self.names = list(names)
+        self._fit(set())
 
     def resident_bytes(self) -> dict[str, int]:
-        """Bytes of the tensors of the served backbones and heads, each counted once."""
-        backbones = {id(x.backbone): x.backbone for x in self.slots.values()}
-        heads = {id(x.head): x.head for x in self.slots.values()}
+        """Bytes of the tensors of the served backbones and heads that are resident, each counted once."""
+        resident = [x for x in self.slots.values() if x.resident]
+        backbones = {id(x.backbone): x.backbone for x in resident}
+        heads = {id(x.head): x.head for x in resident}
         return {"backbone": sum(map(tensor_bytes, backbones.values())), "head": sum(map(tensor_bytes, heads.values()))}
+
+    def resident_models(self) -> list[str]:
+        """The served models every slot of which is resident."""
+        return [name for name in self.names
+                if all(x.resident for (model, _), x in self.slots.items() if model == name)]
+
+    def _ensure(self, needed: list[Loaded]) -> None:
+        """Load again every evicted version of ``needed`` (from the worker's copy of the served weights: no
+        re-validation), then evict the least recently used others until the budget holds."""
+        now = time.monotonic()
+        for loaded in needed:
+            self.last_used[loaded.version] = now
+            if not loaded.resident:
+                if self.reload is None:
+                    raise RuntimeError(f"version {loaded.version} was evicted and cannot be loaded again")
+                state, meta = self.reload(loaded.version)
+                loaded.backbone, loaded.head, _ = self._build(state, meta, loaded.checkpoint)
+                self.events.append(("load", loaded.version, "cold"))
+        self._fit({loaded.version for loaded in needed})
+
+    def _fit(self, keep: set[str]) -> None:
+        """Evict the least recently used resident versions but ``keep`` while the budget is exceeded."""
+        if not self.budget_bytes:
+            return
+        while sum(self.resident_bytes().values()) > self.budget_bytes:
+            idle = {x.version: x for x in self.slots.values() if x.resident and x.version not in keep}
+            if not idle:
+                return  # what this batch needs is over the budget alone: run it, evict after
+            victim = min(idle.values(), key=lambda x: self.last_used.get(x.version, 0.0))
+            for loaded in self.slots.values():
+                if loaded.version == victim.version:
+                    loaded.backbone = loaded.head = None
+            self.events.append(("evict", victim.version, ""))
 
     def _served(self, item: Item) -> tuple[tuple[str, str], Loaded] | RequestError:
         """What answers ``item``: its model's slot, that model's stable slot once the canary is gone."""
@@ -171,16 +222,20 @@ class Engine:
         shadows: dict[int, tuple[str, int]] = {}
         self.timings, self.passes, self.decoded = {}, [], 0
         groups: dict[tuple[object, ...], list[Entry]] = {}
+        entries: list[Entry] = []
         for i, item in enumerate(items):
             served = self._served(item)
             if isinstance(served, RequestError):
                 answers[i] = served
                 continue
             (model, slot), loaded = served
-            groups.setdefault(loaded.pass_key, []).append(Entry(i, model, slot, loaded))
+            entries.append(Entry(i, model, slot, loaded))
             canary = self.slots.get((model, "canary"))
             if item.shadow and slot == "stable" and canary is not None:
-                groups.setdefault(canary.pass_key, []).append(Entry(i, model, "canary", canary, shadow=True))
+                entries.append(Entry(i, model, "canary", canary, shadow=True))
+        self._ensure([entry.loaded for entry in entries])  # evicted versions are loaded again before their pass
+        for entry in entries:
+            groups.setdefault(entry.loaded.pass_key, []).append(entry)
         for group in groups.values():
             self._one_pass(items, group, answers, shadows)
         for i, shadow in shadows.items():

@@ -9,7 +9,9 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
-from models import load_checkpoint
+import torch
+
+from models import CheckpointMeta, load_checkpoint
 from service.control.slots import ServingState, SharedState, SlotSpec, WorkerAck
 from service.inference.engine import Engine, Loaded
 
@@ -64,13 +66,25 @@ class SlotFollower:
         if loaded.version != spec.version:
             raise ValueError(f"blob {blob.name} holds version {loaded.version}, expected {spec.version}")
         prepared = self.engine.prepare(loaded.state, loaded.meta, loaded.version, spec.checkpoint)
+        self.engine.events.append(("load", spec.version, "start" if self.applied < 0 else "admin"))
         self.warm[spec.version] = prepared
         return prepared
+
+    def reload(self, version: str) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+        """A served version's state and meta from its blob, to load it again once evicted."""
+        loaded = load_checkpoint(self.shared.blob(version))
+        return loaded.state, loaded.meta
+
+    def report_residency(self) -> None:
+        """Say which models this worker holds now (after a cold load or an eviction)."""
+        self.shared.ack(WorkerAck(self.worker_id, os.getpid(), self.applied, self._versions(),
+                                  resident=self.engine.resident_models()))
 
     def _install(self, generation: int, prepared: Prepared) -> None:
         self.engine.install(prepared.served, prepared.names)
         self.applied = generation
-        self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions()))
+        self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions(),
+                                  resident=self.engine.resident_models()))
 
     def _versions(self) -> dict[str, dict[str, str]]:
         versions: dict[str, dict[str, str]] = {}

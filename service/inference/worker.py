@@ -51,6 +51,7 @@ class WorkerConfig:
     solo_threads: int = 0  # intra-op threads for a batch that runs alone (no other worker busy, nothing queued); 0: threads
     max_queue_wait_s: float = 0.0  # 0: no limit but each item's deadline
     metrics_max_models: int = 100
+    memory_budget_bytes: int = 0  # resident backbones and heads at most (0: no bound)
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -75,13 +76,16 @@ class ClassifierAPI(ls.LitAPI):
         if self.ledger is not None:
             self.ledger.set_busy(self.index, False)  # a restarted worker: its predecessor may have died mid-batch
         torch_device = resolve_device(self.config.device)
-        self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device))
+        self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device),
+                             budget_bytes=self.config.memory_budget_bytes)
         worker_id = os.environ.get("LITSERVE_WORKER_ID", str(os.getpid()))
         self.follower = SlotFollower(self.engine, SharedState(Path(self.config.state_dir)), worker_id)
+        self.engine.reload = self.follower.reload
+        self.metrics = Metrics()
         self.follower.catch_up()
+        self.count_residency()
         if self.config.decode_on_worker:
             self.engine.warm_up_decoder()
-        self.metrics = Metrics()
         served = ", ".join(f"{model} {loaded.version} ({loaded.meta.arch})" for (model, slot), loaded in self.engine.slots.items()
                            if slot == "stable")
         log.info("worker %s (pid %d) ready: device %s, precision %s, %d threads, model %s", worker_id, os.getpid(),
@@ -131,6 +135,25 @@ class ClassifierAPI(ls.LitAPI):
         for one in self.engine.passes:
             self.metrics.backbone_passes.labels(one.backbone_version).inc()
             self.metrics.images_per_backbone_pass.observe(one.images)
+        self.count_residency()
+
+    def count_residency(self) -> None:
+        """Loads and evictions since the last call, resident bytes; a changed residency is reported."""
+        assert self.engine is not None and self.follower is not None and self.metrics is not None
+        events, self.engine.events = self.engine.events, []
+        if not events:
+            return
+        models = {loaded.version: model for (model, _), loaded in reversed(list(self.engine.slots.items()))}
+        for kind, version, reason in events:
+            model = model_label(models.get(version, ""), self.engine.names, self.config.metrics_max_models)
+            if kind == "load":
+                self.metrics.model_loads.labels(model, reason).inc()
+            else:
+                self.metrics.model_evictions.labels(model).inc()
+        for kind, size in self.engine.resident_bytes().items():
+            self.metrics.resident_bytes.labels(kind).set(size)
+        if any(kind == "evict" or reason == "cold" for kind, _, reason in events):
+            self.follower.report_residency()
 
     def decode_request(self, request: dict[str, Any]) -> Item:
         if "jpeg" in request:  # --decode-on worker: Engine decodes the batch's JPEGs on its device

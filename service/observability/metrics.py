@@ -66,6 +66,12 @@ class Metrics:
                                        "(the content hash of the tensors outside the head)", ["backbone"], registry=r)
         self.images_per_backbone_pass = Histogram("headswap_images_per_backbone_pass", "Images sharing one backbone pass, "
                                                   "across models", buckets=BATCH_BUCKETS, registry=r)
+        self.model_loads = Counter("headswap_model_loads_total", "Versions built in a worker: at start, after an admin "
+                                   "change, or cold (again, after an eviction)", ["model", "reason"], registry=r)
+        self.model_evictions = Counter("headswap_model_evictions_total", "Versions evicted from a worker over "
+                                       "--memory-budget-mb", ["model"], registry=r)
+        self.resident_bytes = Gauge("headswap_resident_bytes", "Bytes of resident backbone and head tensors, summed "
+                                    "over workers", ["kind"], multiprocess_mode="livesum", registry=r)
         self.gpu_memory = Gauge("headswap_gpu_memory_allocated_bytes", "CUDA memory held by tensors, per worker",
                                 multiprocess_mode="liveall", registry=r)
 
