@@ -360,3 +360,16 @@ def test_the_model_label_is_capped() -> None:
     names = ["default", "a", "b"]
     assert [model_label(n, names, 2) for n in names] == ["default", "a", "other"]
     assert [model_label(n, names, 100) for n in names] == names
+
+
+def test_repository_load_of_a_served_name_replaces_its_stable_version(many: tuple[Server, Path, dict[str, str]]) -> None:
+    server, store, _ = many
+    v1, v2 = (load_checkpoint(store / f"{name}.safetensors").version for name in ("glyphs", "glyphs-v2"))
+    config = {"parameters": {"config": json.dumps({"checkpoint": "glyphs-v2.safetensors"})}}
+    try:
+        assert repository(server, "models/glyphs/load", config).status_code == 200
+        assert predict(server, "glyphs", IMAGES[3]).headers["X-Model-Version"] == v2
+        assert admin(server, "GET", "models").json()["models"]["glyphs"]["previous_stable"] == v1
+    finally:
+        assert repository(server, "models/glyphs/load").status_code == 200  # glyphs.safetensors, by its name
+    assert predict(server, "glyphs", IMAGES[3]).headers["X-Model-Version"] == v1

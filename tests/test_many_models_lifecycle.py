@@ -3,6 +3,7 @@ memory budget."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -167,3 +168,18 @@ def test_concurrent_requests_for_a_cold_model_load_it_once(store: Path, tmp_path
         assert [r.status_code for r in responses] == [200] * 4
         assert value(after, "headswap_model_loads_total", model="other", reason="cold") - \
             value(before, "headswap_model_loads_total", model="other", reason="cold") == 1
+
+
+def test_a_killed_worker_comes_back_serving_every_model(store: Path, tmp_path: Path) -> None:
+    with run_server(store / "shapes.safetensors", tmp_path, "--model", f"glyphs={store / 'glyphs.safetensors'}",
+                    "--model", f"other={store / 'other.safetensors'}", "--workers-per-device", "1",
+                    env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as server:
+        (worker,) = models_of(server)["workers"].values()
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(lambda: requests.get(f"{server.url}/ready", timeout=10).status_code == 503, timeout=60)
+        wait_for(lambda: requests.get(f"{server.url}/ready", timeout=10).status_code == 200, timeout=180)
+        (back,) = models_of(server)["workers"].values()
+        assert back["pid"] != worker["pid"] and back["versions"] == worker["versions"]
+        assert set(back["versions"]) == {"shapes", "glyphs", "other"}
+        for name in ("shapes", "glyphs", "other"):
+            assert predict(server, name, IMAGES[2]).status_code == 200

@@ -53,7 +53,8 @@ class SlotFollower:
         served = {(name, slot): self._loaded(spec) for name, slot, spec in state.served()}
         keep = {loaded.version for loaded in served.values()}
         spares = [v for v in self.warm if v not in keep]
-        for version in spares[:max(0, len(spares) - KEEP_SPARE)]:  # the least recently used go first
+        kept = 0 if self.engine.budget_bytes else KEEP_SPARE  # under a memory budget, only what is served stays
+        for version in spares[:max(0, len(spares) - kept)]:  # the least recently used go first
             del self.warm[version]
         return Prepared(served, state.names())
 
