@@ -51,20 +51,24 @@ def make_store(store: Path) -> dict[str, str]:
     torch.manual_seed(0)
     shapes = build_classifier("resnet18", len(SHAPES)).state_dict()
     save_checkpoint(store / "shapes.safetensors", shapes, CheckpointMeta.for_arch("resnet18", SHAPES, name="shapes"))
-    torch.manual_seed(1)
-    glyphs = {**shapes, "fc.weight": torch.randn(len(GLYPHS), 512) * 0.1, "fc.bias": torch.randn(len(GLYPHS)) * 0.1}
+    glyphs = _with_head(shapes, len(GLYPHS), seed=1)
     save_checkpoint(store / "glyphs.safetensors", glyphs, CheckpointMeta.for_arch("resnet18", GLYPHS, name="glyphs"))
+    glyphs_v2 = _with_head(shapes, len(GLYPHS), seed=3)
+    save_checkpoint(store / "glyphs-v2.safetensors", glyphs_v2, CheckpointMeta.for_arch("resnet18", GLYPHS, name="glyphs"))
     torch.manual_seed(2)
     other = build_classifier("resnet18", len(OTHER)).state_dict()
     save_checkpoint(store / "other.safetensors", other, CheckpointMeta.for_arch("resnet18", OTHER, name="other"))
-    torch.manual_seed(3)
-    glyphs_v2 = {**glyphs, "fc.weight": torch.randn(len(GLYPHS), 512) * 0.1, "fc.bias": torch.randn(len(GLYPHS)) * 0.1}
-    save_checkpoint(store / "glyphs-v2.safetensors", glyphs_v2, CheckpointMeta.for_arch("resnet18", GLYPHS, name="glyphs"))
     for name in ("glyphs", "glyphs-v2"):
         subprocess.run([HEADSWAP, "slice", str(store / f"{name}.safetensors"), "--head", "--out",
                         str(store / f"{name}-head.safetensors")], check=True, capture_output=True)
     return {"shapes": backbone_version("resnet18", shapes), "glyphs": backbone_version("resnet18", glyphs),
             "other": backbone_version("resnet18", other)}
+
+
+def _with_head(state: dict[str, torch.Tensor], classes: int, *, seed: int) -> dict[str, torch.Tensor]:
+    """``state`` (a resnet18's) with a fresh seeded head for ``classes`` classes: a head-only fine-tune."""
+    torch.manual_seed(seed)
+    return {**state, "fc.weight": torch.randn(classes, 512) * 0.1, "fc.bias": torch.randn(classes) * 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +377,30 @@ def test_repository_load_of_a_served_name_replaces_its_stable_version(many: tupl
     finally:
         assert repository(server, "models/glyphs/load").status_code == 200  # glyphs.safetensors, by its name
     assert predict(server, "glyphs", IMAGES[3]).headers["X-Model-Version"] == v1
+
+
+def test_a_bad_image_fails_alone_whichever_model_it_names(many: tuple[Server, Path, dict[str, str]]) -> None:
+    """Wrong-sized pixels for glyphs reach the worker in one batch with good images of two models."""
+    server, store, _ = many
+    wrong = {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}
+    pid = _worker_pid(server)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            good = [pool.submit(predict, server, model, IMAGES[0]) for model in ("shapes", "other")]
+            bad = pool.submit(requests.post, f"{server.url}/v2/models/glyphs/infer", json=wrong, timeout=60)
+            deadline = time.monotonic() + 30
+            while value(samples(f"{server.url}/metrics"), "headswap_queue_depth") < 3:
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.05)
+            time.sleep(0.5)  # the feeder threads' last writes, as in _queued_while_paused
+            os.kill(pid, signal.SIGCONT)
+            answers = [f.result() for f in good]
+            refused = bad.result()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert refused.status_code == 400
+    assert refused.json() == {"error": "PIXELS must be [B,3,224,224] for this model, found [3, 8, 8]"}
+    for model, response in zip(("shapes", "other"), answers):
+        assert response.headers["X-Batch-Size"] == "3"
+        assert probabilities(response) == pytest.approx(offline(store / f"{model}.safetensors", IMAGES[0]), abs=1e-4)

@@ -175,6 +175,12 @@ def test_cli_fields_are_every_field_but_the_token() -> None:
     ({"device": "tpu"}, "device must be one of auto, cpu, cuda, found 'tpu'"),
     ({"precision": "int8"}, "precision must be one of auto, fp32, bf16, fp16, found 'int8'"),
     ({"log_level": "INFO"}, "log_level must be one of debug, info, warning, error, found 'INFO'"),
+    ({"model": ["glyphs"]}, "model must be NAME=CHECKPOINT with NAME 1-64 of A-Z a-z 0-9 _ . -, found 'glyphs'"),
+    ({"model": ["bad name=a.pt"]}, "model must be NAME=CHECKPOINT with NAME 1-64 of A-Z a-z 0-9 _ . -, found 'bad name=a.pt'"),
+    ({"model": ["g=a.pt", "g=b.pt"]}, "model name 'g' is given twice"),
+    ({"model_name": "g", "model": ["g=b.pt"]}, "model name 'g' is given twice"),
+    ({"memory_budget_mb": -1.0}, "memory_budget_mb must be >= 0 (0: no bound), found -1.0"),
+    ({"metrics_max_models": 0}, "metrics_max_models must be >= 1, found 0"),
 ])
 def test_validation_message(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -264,3 +270,11 @@ def test_checkpoint_dir_beats_the_checkpoint_folder(tmp_path: Path) -> None:
     settings = Settings(checkpoint=str(tmp_path / "a" / "model.pt"), checkpoint_dir=str(tmp_path / "store"))
     assert settings.store == (tmp_path / "store").resolve()
     assert _settings("--checkpoint", "/a/b/m.pt", HEADSWAP_CHECKPOINT_DIR=str(tmp_path)).store == tmp_path.resolve()
+
+
+def test_models_are_repeatable_options_and_a_json_list_in_the_environment() -> None:
+    settings = _settings("--model", "glyphs=store/glyphs.safetensors", "--model", "other=/abs/other.pt")
+    assert settings.named_models == [("glyphs", "store/glyphs.safetensors"), ("other", "/abs/other.pt")]
+    assert settings.store == Path("store").resolve()  # the first model's folder, without --checkpoint
+    assert _settings(HEADSWAP_MODEL='["a=x.pt"]').named_models == [("a", "x.pt")]
+    assert _settings("--memory-budget-mb", "60").memory_budget_bytes == 60 * 2**20
