@@ -130,7 +130,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     served = ", ".join(f"{name} (version {model.stable.version})" for name, model in state.models.items())
     threading.Thread(target=_after_start, args=(settings, served, readiness, sidecars, threads), daemon=True).start()
     try:
-        server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False)
+        server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False,
+                   access_log=settings.access_log == "on")
     finally:
         stop.set()
         for sidecar in sidecars:

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
                           "worker (the inference worker, on its device: nvJPEG on a GPU; other images stay with the "
                           "API servers)", ("api", "worker"))
     log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
+    access_log: str = _opt("off", "log a line per HTTP request (uvicorn's access log); off by default: under load it "
+                           "costs about a quarter of an API server's CPU per request", ("on", "off"))
     admin_token_file: str = _opt("", "file holding the admin API bearer token (or set HEADSWAP_ADMIN_TOKEN); none: admin off")
     admin_port: int = _opt(0, "serve /admin on this separate port only (0: on the main port)")
     metrics_port: int = _opt(0, "also serve /metrics on this separate port (0: main port only)")
@@ -157,7 +159,7 @@ class Settings(BaseSettings):
         if len(ports) != len(set(ports)):
             problems.append(f"port, admin_port and metrics_port must differ, found {self.port}, {self.admin_port}, "
                             f"{self.metrics_port}")
-        for name in ("device", "precision", "log_level"):
+        for name in ("device", "precision", "log_level", "access_log"):
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, found {getattr(self, name)!r}")
