@@ -96,7 +96,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     pin_mmap_threshold()  # before the API servers fork; spawned workers start afresh (service.control.memory)
     shared = SharedState(runtime)
     store = CheckpointStore(settings.store)
-    metrics = Metrics()
+    metrics = Metrics(settings.max_batch_size)
     rollout = RolloutFile(Path(settings.rollout_file)) if settings.rollout_file else None
     cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1

@@ -13,6 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import load_checkpoint
+from service.observability.metrics import pass_buckets
 from tests.conftest import make_checkpoint
 from tests.images import jpeg
 from tests.server import Server, free_port, run_server
@@ -123,3 +124,9 @@ def test_model_info_follows_a_hot_swap_and_metrics_port_serves_the_same(msrv: tu
     assert value(side, "headswap_swaps_total", slot="stable", result="ok") == ok + 1
     roles = {dict(k[1])["role"] for k in snap if k[0] == "headswap_process_resident_memory_bytes"}
     assert roles == {"main", "api", "worker"}
+
+
+def test_images_per_backbone_pass_buckets_end_at_the_largest_batch() -> None:
+    assert pass_buckets(16) == (1.0, 2.0, 4.0, 8.0, 16.0)
+    assert pass_buckets(12) == (1.0, 2.0, 4.0, 8.0, 12.0)
+    assert pass_buckets(1) == (1.0,)

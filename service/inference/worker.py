@@ -81,7 +81,7 @@ class ClassifierAPI(ls.LitAPI):
         worker_id = os.environ.get("LITSERVE_WORKER_ID", str(os.getpid()))
         self.follower = SlotFollower(self.engine, SharedState(Path(self.config.state_dir)), worker_id)
         self.engine.reload = self.follower.reload
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.config.max_batch_size)
         self.follower.catch_up()
         self.count_residency()
         if self.config.decode_on_worker:

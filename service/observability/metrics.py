@@ -26,6 +26,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1, 2, 4, ... 256
 
 
+def pass_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Images per backbone pass: the powers of two up to the largest batch, and the largest batch."""
+    powers = [float(2**i) for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size]
+    return tuple(sorted({*powers, float(max_batch_size)}))
+
+
 OTHER_MODELS = "other"  # the model label of the served models beyond --metrics-max-models
 NO_MODEL = "none"  # the model label of a request that named no served model
 
@@ -37,7 +43,10 @@ def model_label(name: str, names: Sequence[str], cap: int) -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """Every metric of one process. ``max_batch_size`` sizes the images-per-backbone-pass buckets: the same
+    in every process of a server."""
+
+    def __init__(self, max_batch_size: int = 256) -> None:
         r = CollectorRegistry()
         self.requests = Counter("headswap_requests_total", "Finished inference requests", ["endpoint", "status", "slot", "model"],
                                 registry=r)
@@ -65,7 +74,7 @@ class Metrics:
         self.backbone_passes = Counter("headswap_backbone_passes_total", "Backbone forward passes, by backbone version "
                                        "(the content hash of the tensors outside the head)", ["backbone"], registry=r)
         self.images_per_backbone_pass = Histogram("headswap_images_per_backbone_pass", "Images sharing one backbone pass, "
-                                                  "across models", buckets=BATCH_BUCKETS, registry=r)
+                                                  "across models", buckets=pass_buckets(max_batch_size), registry=r)
         self.model_loads = Counter("headswap_model_loads_total", "Versions built in a worker: at start, after an admin "
                                    "change, or cold (again, after an eviction)", ["model", "reason"], registry=r)
         self.model_evictions = Counter("headswap_model_evictions_total", "Versions evicted from a worker over "
