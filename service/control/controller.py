@@ -37,7 +37,7 @@ from service.control.memory import release_freed_memory
 from service.control.rollout import DEFAULT_MODEL, ModelSpec, RolloutFile, RolloutSpec, spec_of
 from service.control.slots import ModelState, ServingState, SharedState, SlotSpec
 from service.control.store import CheckpointStore
-from service.errors import Conflict, InternalError, NotFound, RequestError, Unprocessable
+from service.errors import Conflict, InternalError, RequestError, Unprocessable
 from service.observability.metrics import Metrics
 from service.protocols.admin import check_model_name
 
@@ -138,7 +138,7 @@ class Controller:
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            name = _name_of(current, req.model)
+            name = current.name_of(req.model)
             model = current.model(name)
             candidate = self._candidate(req, model)
             change = {req.slot: candidate.spec}
@@ -177,7 +177,7 @@ class Controller:
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            _name_of(current, name)
+            current.name_of(name)
             if name == current.default:
                 raise Conflict(f"{name!r} is the default model (POST /predict): unload the other models first, "
                                f"or load another model under its name", reason="default_model")
@@ -222,7 +222,7 @@ class Controller:
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            name = _name_of(current, model)
+            name = current.name_of(model)
             served = current.model(name)
             weight = served.weight if weight is None else weight
             shadow = served.shadow if shadow is None else shadow
@@ -235,7 +235,7 @@ class Controller:
         with self.shared.lock():
             current = self.shared.read()
             self._require_mutable()
-            name = _name_of(current, model)
+            name = current.name_of(model)
             served = current.model(name)
             if served.canary is None:
                 raise Conflict("no canary to promote", reason="no_canary")
@@ -248,7 +248,7 @@ class Controller:
             current = self.shared.read()
             if reason == "manual":
                 self._require_mutable()
-            name = _name_of(current, model)
+            name = current.name_of(model)
             served = current.model(name)
             if served.canary is not None:
                 changed = replace(served, canary=None, weight=0, shadow=0)
@@ -391,15 +391,6 @@ def _versions(state: ServingState, model: str) -> dict[str, str | None]:
     if served is None:
         return {"stable": None, "canary": None}
     return {"stable": served.stable.version, "canary": served.canary.version if served.canary else None}
-
-
-def _name_of(state: ServingState, model: str | None) -> str:
-    """The served model ``model`` names (None: the default). Raises NotFound naming the served ones."""
-    name = state.default if model is None else model
-    if name not in state.models:
-        raise NotFound(f"unknown model {name!r}: this server serves {', '.join(repr(n) for n in state.names())}",
-                       reason="model")
-    return name
 
 
 def _joined(errors: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from models import CheckpointMeta
+from service.errors import NotFound
 from service.protocols.admin import Slot
 
 SLOT_NAMES: tuple[str, ...] = get_args(Slot)  # ("stable", "canary")
@@ -93,6 +94,14 @@ class ServingState:
     def model(self, name: str | None = None) -> ModelState:
         """Model ``name`` (None: the default one). Raises KeyError for a name not served."""
         return self.models[self.default if name is None else name]
+
+    def name_of(self, model: str | None) -> str:
+        """The served model ``model`` names (None: the default). Raises NotFound naming the served ones."""
+        name = self.default if model is None else model
+        if name not in self.models:
+            raise NotFound(f"unknown model {name[:80]!r}: this server serves {', '.join(repr(n) for n in self.names())}",
+                           reason="model")
+        return name
 
     def names(self) -> list[str]:
         """The served models' names, the default first."""
@@ -191,6 +200,13 @@ class SharedState:
             with contextlib.suppress(OSError, ValueError, TypeError):
                 found[path.stem] = WorkerAck(**json.loads(path.read_text()))
         return found
+
+    def held(self) -> tuple[set[str], set[str]]:
+        """The models every worker serves, and those every worker holds in memory (empty: no worker yet)."""
+        acks = self.acks().values()
+        serving = [set(ack.versions) for ack in acks]
+        holding = [set(ack.versions if ack.resident is None else ack.resident) for ack in acks]
+        return (set.intersection(*serving), set.intersection(*holding)) if serving else (set(), set())
 
     def record_rejection(self, rejection: dict[str, Any]) -> None:
         """The last refused checkpoint (admin load or rollout spec); it changes nothing else."""

@@ -55,12 +55,12 @@ class RepositoryRoutes:
     async def index(self, request: Request) -> Response:
         body = validate(RepositoryIndexBody, await json_body(request, "repository request body"), quote=True)
         state = self.shared.read()
-        acks = list(self.shared.acks().values())
+        serving, holding = self.shared.held()
         entries = []
         for name in state.names():
-            ready = bool(acks) and all(name in ack.versions for ack in acks)
-            resident = ready and all(ack.resident is None or name in ack.resident for ack in acks)
-            reason = "loading" if not ready else "" if resident else "evicted (--memory-budget-mb): loaded again on its next request"
+            ready = name in serving
+            reason = ("loading" if not ready else "" if name in holding
+                      else "evicted (--memory-budget-mb): loaded again on its next request")
             entries.append({"name": name, "version": state.models[name].stable.version,
                             "state": "READY" if ready else "UNAVAILABLE", "reason": reason})
         return JSONResponse([e for e in entries if e["state"] == "READY"] if body.ready else entries)

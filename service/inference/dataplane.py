@@ -111,14 +111,9 @@ class DataPlane:
     def model_of(self, name: str | None) -> str:
         """The served model ``name`` (None: the default). Raises RequestError (400) for a name that
         no model can have, NotFound naming the served ones."""
-        state = self.state()
-        if name is None:
-            return state.default
-        check_model_name(name)
-        if name not in state.models:
-            raise NotFound(f"unknown model {name[:80]!r}: this server serves {', '.join(repr(n) for n in self.models())}",
-                           reason="model")
-        return name
+        if name is not None:
+            check_model_name(name)
+        return self.state().name_of(name)
 
     def resolve(self, name: str | None, version: str | None = None) -> str | None:
         """The slot serving ``version`` of model ``name`` (None: no version pinned). Raises NotFound."""
@@ -142,8 +137,7 @@ class DataPlane:
 
     def resident(self) -> set[str]:
         """The served models whose weights every inference worker holds."""
-        held = [set(ack.versions if ack.resident is None else ack.resident) for ack in self.shared.acks().values()]
-        return set(self.state().models).intersection(*held) if held else set()
+        return self.shared.held()[1] & set(self.state().models)
 
     def view_of(self, model: str, version: str) -> ModelView | None:
         """The served slot's view of ``model`` that has ``version`` (the canary may have other classes)."""
