@@ -23,7 +23,6 @@ from models import (
     CheckpointError,
     CheckpointMeta,
     IncompatibleCheckpointError,
-    get_spec,
     load_checkpoint,
     merge_state,
     save_checkpoint,
@@ -31,7 +30,7 @@ from models import (
 )
 from models.checkpoint import utc_now
 from models.merge import MergeReport
-from models.shared import backbone_version
+from models.shared import backbone_state, backbone_version
 from service.control.audit import AuditLog
 from service.control.memory import release_freed_memory
 from service.control.rollout import DEFAULT_MODEL, ModelSpec, RolloutFile, RolloutSpec, spec_of
@@ -62,7 +61,7 @@ class Candidate:
 
 # Builds a candidate as the workers will run it and warms it up; raises IncompatibleCheckpointError
 # (the state does not fit its architecture) or ValueError (a bad warm-up). The inference engine's.
-Validator = Callable[[dict[str, torch.Tensor], Any, str], None]
+Validator = Callable[[dict[str, torch.Tensor], Any, str, str], None]
 
 
 class Controller:
@@ -110,22 +109,22 @@ class Controller:
         if self.memory_budget_bytes and size > self.memory_budget_bytes:
             raise Unprocessable(f"{checkpoint!r} needs {size / 2**20:.1f} MiB of weights, over each worker's "
                                 f"--memory-budget-mb {self.memory_budget_bytes / 2**20:g}", reason="memory_budget")
-        self._validate_weights(state, meta, version)
+        backbone = backbone_version(meta.arch, state)
+        self._validate_weights(state, meta, version, backbone)
         blob = self.shared.blob(version)
         if not blob.exists():
             save_checkpoint(blob, state, meta)
         spec = SlotSpec(checkpoint=checkpoint, merges=tuple(merges), version=version, meta=meta.to_dict(),
-                        loaded_at=utc_now(), merge_report=report.summary() if report else None,
-                        backbone=backbone_version(meta.arch, state))
+                        loaded_at=utc_now(), merge_report=report.summary() if report else None, backbone=backbone)
         return Candidate(spec, report)
 
-    def _validate_weights(self, state: dict[str, torch.Tensor], meta: Any, version: str) -> None:
+    def _validate_weights(self, state: dict[str, torch.Tensor], meta: Any, version: str, backbone: str) -> None:
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise Unprocessable(f"tensors with NaN or Inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
                                 reason="non_finite")
         try:
-            self.validate(state, meta, version)
+            self.validate(state, meta, version, backbone)
         except IncompatibleCheckpointError as exc:
             raise Unprocessable(str(exc).split(": ", 1)[-1], reason="incompatible",
                            details={"report": exc.report.to_dict()}) from None
@@ -376,14 +375,12 @@ def _with_new_head(name: str, state: dict[str, torch.Tensor], meta: CheckpointMe
     """``state`` with the head tensors of ``head`` (a head-only checkpoint of other classes) in place of
     its own, and the head's classes: a head-only fine-tune served as its backbone plus its head. Raises
     Conflict when ``head`` holds tensors outside the head."""
-    spec = get_spec(meta.arch)
-    outside = sorted(k for k in head if not spec.is_head_key(k))
+    outside = sorted(backbone_state(meta.arch, head))
     if outside:
         raise Conflict(f"{name!r} has {head_meta.num_classes} classes where the model has {meta.num_classes}, and "
                        f"tensors outside the head ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): only a "
                        "head-only checkpoint (slice --head) may bring its own classes to a merge", reason="incompatible")
-    kept = {k: v for k, v in state.items() if not spec.is_head_key(k)}
-    return {**kept, **head}, replace(meta, num_classes=head_meta.num_classes, class_names=head_meta.class_names)
+    return {**backbone_state(meta.arch, state), **head}, replace(meta, num_classes=head_meta.num_classes, class_names=head_meta.class_names)
 
 
 def _versions(state: ServingState, model: str) -> dict[str, str | None]:

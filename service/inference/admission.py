@@ -162,10 +162,6 @@ class Admission:
         return Overloaded(f"overloaded: {depth} images are waiting, the bound is {bound} (--max-queue); "
                           f"retry after {retry_after} s", retry_after=retry_after)
 
-    def try_admit(self, n: int) -> Ticket | None:
-        """``admit`` for best-effort work (canary shadows): None instead of a 503."""
-        return Ticket(self.ledger, n) if self.ledger.try_admit(n, self.bound()) else None
-
     def retry_after(self) -> int:
         """Whole seconds until the queue, as it is now, has drained at the measured rate (at least 1)."""
         rate = self.rate()

@@ -133,21 +133,25 @@ class Engine:
         self.passes: list[BackbonePass] = []  # backbone passes of the last run()
         self.decoded = 0  # JPEGs the last run() decoded on the device
 
-    def prepare(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, checkpoint: str) -> Loaded:
+    def prepare(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, checkpoint: str,
+                backbone: str | None = None) -> Loaded:
         """Build a servable version from a state (not yet serving): its head, on the backbone already
         resident when its backbone version is, else a new backbone (device, layout); then a warm-up.
+        ``backbone`` is its backbone version when known (the controller's, in the shared state), else
+        it is hashed here.
 
         Raises IncompatibleCheckpointError if the state does not fit, ValueError if the
         warm-up gives non-finite outputs or the wrong shape.
         """
-        backbone, head, backbone_ver = self._build(state, meta, checkpoint)
-        loaded = Loaded(backbone, head, meta, version, checkpoint, backbone_ver)
+        backbone_ver = backbone or backbone_version(meta.arch, state)
+        built, head = self._build(state, meta, checkpoint, backbone_ver)
+        loaded = Loaded(built, head, meta, version, checkpoint, backbone_ver)
         self._warm_up(loaded)
         return loaded
 
-    def _build(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, checkpoint: str) -> tuple[Backbone, Head, str]:
+    def _build(self, state: dict[str, torch.Tensor], meta: CheckpointMeta, checkpoint: str,
+               backbone_ver: str) -> tuple[Backbone, Head]:
         """The head of ``state`` on the resident backbone of its backbone version, else on a new one."""
-        backbone_ver = backbone_version(meta.arch, state)
         key = (meta.arch, backbone_ver, json.dumps(meta.arch_kwargs, sort_keys=True))
         backbone = self._backbones.get(key)
         if backbone is None:
@@ -157,7 +161,7 @@ class Engine:
             self._backbones[key] = backbone
         else:
             head = head_from_state(backbone, state, meta, where=checkpoint)
-        return backbone, head, backbone_ver
+        return backbone, head
 
     def install(self, served: dict[tuple[str, str], Loaded], names: list[str]) -> None:
         """Serve exactly ``served`` ((model, slot) -> version) of the models ``names``, the first of them (the
@@ -188,7 +192,7 @@ class Engine:
                 if self.reload is None:
                     raise RuntimeError(f"version {loaded.version} was evicted and cannot be loaded again")
                 state, meta = self.reload(loaded.version)
-                loaded.backbone, loaded.head, _ = self._build(state, meta, loaded.checkpoint)
+                loaded.backbone, loaded.head = self._build(state, meta, loaded.checkpoint, loaded.backbone_version)
                 self.events.append(("load", loaded.version, "cold"))
         self._fit({loaded.version for loaded in needed})
 
@@ -338,10 +342,11 @@ class Engine:
         log.debug("warm-up of %s took %.0f ms", loaded.version, (time.perf_counter() - started) * 1000)
 
 
-def check_servable(state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str) -> None:
-    """Build ``state`` as a worker would, on the CPU, and warm it up. Raises IncompatibleCheckpointError
-    if it does not fit its architecture, ValueError if the warm-up gives non-finite or misshapen outputs."""
-    Engine(torch.device("cpu"), "fp32").prepare(state, meta, version, "candidate")
+def check_servable(state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, backbone: str | None = None) -> None:
+    """Build ``state`` as a worker would, on the CPU, and warm it up (``backbone``: its backbone version, when
+    known). Raises IncompatibleCheckpointError if it does not fit its architecture, ValueError if the warm-up
+    gives non-finite or misshapen outputs."""
+    Engine(torch.device("cpu"), "fp32").prepare(state, meta, version, "candidate", backbone)
 
 
 def _answer(probs: np.ndarray, loaded: Loaded, top_k: int, slot: str) -> Answer:

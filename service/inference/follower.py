@@ -66,7 +66,7 @@ class SlotFollower:
         loaded = load_checkpoint(blob)
         if loaded.version != spec.version:
             raise ValueError(f"blob {blob.name} holds version {loaded.version}, expected {spec.version}")
-        prepared = self.engine.prepare(loaded.state, loaded.meta, loaded.version, spec.checkpoint)
+        prepared = self.engine.prepare(loaded.state, loaded.meta, loaded.version, spec.checkpoint, spec.backbone or None)
         self.engine.events.append(("load", spec.version, "start" if self.applied < 0 else "admin"))
         self.warm[spec.version] = prepared
         return prepared
