@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -78,6 +79,8 @@ class Loaded:
     version: str
     checkpoint: str
     backbone_version: str
+    backbone_bytes: int = 0  # bytes of its backbone's and its head's tensors, resident or not
+    head_bytes: int = 0
 
     @property
     def resident(self) -> bool:
@@ -125,7 +128,9 @@ class Engine:
         self.budget_bytes = budget_bytes  # resident backbones and heads at most (0: no bound)
         self.reload = reload  # a served version's state and meta, to load it again once evicted
         self.last_used: dict[str, float] = {}  # version -> when a batch last needed it
-        self.events: list[tuple[str, str, str]] = []  # ("load", version, reason) / ("evict", version, ""), not yet counted
+        # ("load", version, reason) / ("evict", version, ""), not yet counted; appended by the follower's
+        # prepare thread too, so the worker drains it with popleft (a deque's appends and pops are thread-safe)
+        self.events: deque[tuple[str, str, str]] = deque()
         self.slots: dict[tuple[str, str], Loaded] = {}  # (model, slot) -> what it serves
         self.names: list[str] = []  # the served models, the default first
         self._backbones: weakref.WeakValueDictionary[tuple[str, str, str], Backbone] = weakref.WeakValueDictionary()
@@ -145,7 +150,7 @@ class Engine:
         """
         backbone_ver = backbone or backbone_version(meta.arch, state)
         built, head = self._build(state, meta, checkpoint, backbone_ver)
-        loaded = Loaded(built, head, meta, version, checkpoint, backbone_ver)
+        loaded = Loaded(built, head, meta, version, checkpoint, backbone_ver, tensor_bytes(built), tensor_bytes(head))
         self._warm_up(loaded)
         return loaded
 
@@ -173,9 +178,9 @@ class Engine:
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of the tensors of the served backbones and heads that are resident, each counted once."""
         resident = [x for x in self.slots.values() if x.resident]
-        backbones = {id(x.backbone): x.backbone for x in resident}
-        heads = {id(x.head): x.head for x in resident}
-        return {"backbone": sum(map(tensor_bytes, backbones.values())), "head": sum(map(tensor_bytes, heads.values()))}
+        backbones = {id(x.backbone): x.backbone_bytes for x in resident}
+        heads = {id(x.head): x.head_bytes for x in resident}
+        return {"backbone": sum(backbones.values()), "head": sum(heads.values())}
 
     def resident_models(self) -> list[str]:
         """The served models every slot of which is resident."""

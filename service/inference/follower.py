@@ -47,7 +47,7 @@ class SlotFollower:
             except Exception as exc:  # noqa: BLE001 - reported to the controller, which rolls back
                 log.exception("worker %s could not apply generation %d", self.worker_id, generation)
                 self.applied = generation
-                self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions(), f"{type(exc).__name__}: {exc}"))
+                self._ack(generation, f"{type(exc).__name__}: {exc}")
 
     def _prepare(self, state: ServingState) -> Prepared:
         served = {(name, slot): self._loaded(spec) for name, slot, spec in state.served()}
@@ -78,13 +78,15 @@ class SlotFollower:
 
     def report_residency(self) -> None:
         """Say which models this worker holds now (after a cold load or an eviction)."""
-        self.shared.ack(WorkerAck(self.worker_id, os.getpid(), self.applied, self._versions(),
-                                  resident=self.engine.resident_models()))
+        self._ack(self.applied)
 
     def _install(self, generation: int, prepared: Prepared) -> None:
         self.engine.install(prepared.served, prepared.names)
         self.applied = generation
-        self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions(),
+        self._ack(generation)
+
+    def _ack(self, generation: int, error: str | None = None) -> None:
+        self.shared.ack(WorkerAck(self.worker_id, os.getpid(), generation, self._versions(), error,
                                   resident=self.engine.resident_models()))
 
     def _versions(self) -> dict[str, dict[str, str]]:

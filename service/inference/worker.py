@@ -140,7 +140,7 @@ class ClassifierAPI(ls.LitAPI):
     def count_residency(self) -> None:
         """Loads and evictions since the last call, resident bytes; a changed residency is reported."""
         assert self.engine is not None and self.follower is not None and self.metrics is not None
-        events, self.engine.events = self.engine.events, []
+        events = [self.engine.events.popleft() for _ in range(len(self.engine.events))]
         if not events:
             return
         models = {loaded.version: model for (model, _), loaded in reversed(list(self.engine.slots.items()))}
