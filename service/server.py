@@ -114,7 +114,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     readiness = Readiness(server, expected, shared)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
-                            settings.timeout_s, settings.decode_threads, metrics=metrics,
+                            settings.timeout_s, settings.decode_threads,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     plane = DataPlane(dispatcher, shared, is_ready=readiness.ready, is_serving=readiness.serving,

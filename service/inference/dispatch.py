@@ -35,7 +35,6 @@ from models.transforms import resize_crop
 from service.errors import GatewayTimeout, NotReady, Overloaded, by_name
 from service.inference.admission import Admission, Ticket
 from service.inference.decode import DecodeLimits, check_image, decode_checked, device_decodable
-from service.observability.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,10 @@ class Result:
 
 class Dispatcher:
     def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int, *,
-                 admission: Admission, metrics: Metrics | None = None, decode_on_worker: bool = False) -> None:
+                 admission: Admission, decode_on_worker: bool = False) -> None:
         self.server = server
         self.admission = admission
         self.decode_on_worker = decode_on_worker
-        self.metrics = metrics
         self.api_path = api_path
         self.limits = limits
         self.timeout_s = timeout_s
