@@ -12,8 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,32 @@ def run_server(checkpoint: Path, tmp: Path, *args: str, env: dict[str, str] | No
         leftovers = session_pids(proc.pid)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
+
+
+def sigterm_under_load(server: Server, paths: list[str], body: Callable[[int], bytes]) -> tuple[int, list[int]]:
+    """One keep-alive client per path posting JPEGs (``body(i)``, up to 200 each); once one is answered,
+    SIGTERM the server and wait for it. Returns its exit code and every status the clients got; a
+    client stops at its first refused connection (the server stopped accepting, as it should)."""
+    results: list[int] = []
+    started = threading.Event()
+
+    def client(path: str) -> None:
+        session = requests.Session()
+        for i in range(200):
+            try:
+                response = session.post(f"{server.url}{path}", data=body(i), headers={"Content-Type": "image/jpeg"},
+                                        timeout=30)
+            except requests.ConnectionError:
+                return
+            results.append(response.status_code)
+            started.set()
+
+    threads = [threading.Thread(target=client, args=(path,)) for path in paths]
+    for thread in threads:
+        thread.start()
+    assert started.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    code = stop(server)
+    for thread in threads:
+        thread.join(60)
+    return code, results

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import yaml
 
 from models import CheckpointMeta, build_classifier, load_checkpoint, save_checkpoint
-from tests.server import run_server, stop, wait_gone
+from tests.server import run_server, sigterm_under_load, wait_gone
 from tests.test_hotswap import TOKEN, admin
 from tests.test_many_models import IMAGES, _queued_while_paused, make_store, offline, predict, probabilities
 from tests.test_metrics import samples, value
@@ -92,28 +91,8 @@ def test_a_restarted_server_serves_every_model_it_served(store: Path, tmp_path: 
 def test_sigterm_under_mixed_load_exits_0_and_leaves_nothing(store: Path, tmp_path: Path) -> None:
     with run_server(store / "shapes.safetensors", tmp_path, "--model", f"glyphs={store / 'glyphs.safetensors'}",
                     "--model", f"other={store / 'other.safetensors'}") as server:
-        results: list[int] = []
-        started = threading.Event()
-
-        def client(model: str) -> None:
-            session = requests.Session()
-            for i in range(200):
-                try:
-                    response = session.post(f"{server.url}/models/{model}/predict", data=IMAGES[i % len(IMAGES)],
-                                            headers={"Content-Type": "image/jpeg"}, timeout=30)
-                except requests.ConnectionError:
-                    return  # the server stopped accepting: expected after SIGTERM
-                results.append(response.status_code)
-                started.set()
-
-        threads = [threading.Thread(target=client, args=(model,)) for model in ("shapes", "glyphs", "other", "glyphs")]
-        for thread in threads:
-            thread.start()
-        assert started.wait(60)
-        server.proc.send_signal(signal.SIGTERM)
-        code = stop(server)
-        for thread in threads:
-            thread.join(60)
+        paths = [f"/models/{model}/predict" for model in ("shapes", "glyphs", "other", "glyphs")]
+        code, results = sigterm_under_load(server, paths, lambda i: IMAGES[i % len(IMAGES)])
         assert code == 0, server.output()[-3000:]
         assert results and set(results) == {200}
         assert wait_gone(server.proc.pid) == []

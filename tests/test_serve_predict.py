@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 
 from models import eval_transform, load_classifier
 from tests.images import encode, jpeg, photo
-from tests.server import Server, run_server, stop, wait_gone
+from tests.server import Server, run_server, sigterm_under_load, wait_gone
 
 
 def offline_probs(checkpoint: Path, data: bytes) -> np.ndarray:
@@ -142,27 +140,7 @@ def test_health_and_ready(server: Server) -> None:
 def test_sigterm_under_load_finishes_in_flight_and_leaves_no_process(resnet18_ckpt: Path, tmp_path: Path) -> None:
     with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2") as srv:
         data = jpeg(12)
-        results: list[int] = []
-        started = threading.Event()
-
-        def client() -> None:
-            session = requests.Session()
-            for _ in range(200):
-                try:
-                    r = session.post(f"{srv.url}/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=30)
-                    results.append(r.status_code)
-                    started.set()
-                except requests.ConnectionError:
-                    return  # the server stopped accepting: expected after SIGTERM
-
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        for t in threads:
-            t.start()
-        assert started.wait(60)
-        srv.proc.send_signal(signal.SIGTERM)
-        code = stop(srv)
-        for t in threads:
-            t.join(60)
+        code, results = sigterm_under_load(srv, ["/predict"] * 4, lambda i: data)
         assert code == 0, srv.output()[-3000:]
         assert results and set(results) == {200}
         assert wait_gone(srv.proc.pid) == []
