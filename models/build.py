@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import logging
 import os
 import urllib.error
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +109,9 @@ def classifier_from_state(state: dict[str, torch.Tensor], meta: CheckpointMeta, 
         raise CheckpointError(where, "partial checkpoint: merge it into a full one (`headswap merge`)")
     model = build_classifier(meta.arch, meta.num_classes, arch_kwargs=meta.arch_kwargs)
     _, report = merge_state(model.state_dict(), state)
-    if report.missing or report.unexpected or report.shape_mismatched:
+    if misfits := report.misfits():
         raise IncompatibleCheckpointError(
-            f"{where}: state does not fit {meta.arch} with {meta.num_classes} classes "
-            f"({len(report.missing)} missing, {len(report.unexpected)} unexpected, "
-            f"{len(report.shape_mismatched)} shape mismatches)",
-            report,
-        )
+            f"{where}: state does not fit {meta.arch} with {meta.num_classes} classes ({misfits})", report)
     # A file keeps tensors, not the module versions a state_dict() carries as metadata; modules that
     # read theirs (mnasnet's) get those of the modules as built here, the code that wrote the file.
     versioned = OrderedDict(state)

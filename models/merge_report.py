@@ -38,6 +38,14 @@ class MergeReport:
         del data["strip_prefixes"]
         return data
 
+    def misfits(self) -> str | None:
+        """What keeps the source from filling the target exactly ("1 missing, 0 unexpected, 2 shape
+        mismatches"), or None when every key of each is in the other with its shape."""
+        if not (self.missing or self.unexpected or self.shape_mismatched):
+            return None
+        return (f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                f"{len(self.shape_mismatched)} shape mismatches")
+
     def summary(self) -> dict[str, Any]:
         """Counts and fractions only: small enough for logs and checkpoint metadata."""
         return {

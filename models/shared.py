@@ -197,13 +197,10 @@ def head_from_state(backbone: Backbone, state: State, meta: CheckpointMeta, *, w
     tensors = {k: v for k, v in state.items() if k.startswith(prefix)}
     module = backbone.head_shape.empty(meta.num_classes)
     _, report = merge_state({prefix + k: v for k, v in module.state_dict().items()}, tensors, prefixes=())
-    if report.missing or report.unexpected or report.shape_mismatched:
+    if misfits := report.misfits():
         raise IncompatibleCheckpointError(
             f"{where}: head {prefix[:-1]} does not fit {meta.arch} with {meta.num_classes} classes and "
-            f"{backbone.head_shape.in_features} features ({len(report.missing)} missing, "
-            f"{len(report.unexpected)} unexpected, {len(report.shape_mismatched)} shape mismatches)",
-            report,
-        )
+            f"{backbone.head_shape.in_features} features ({misfits})", report)
     reference = next(backbone.parameters())
     module = module.to_empty(device=reference.device).to(reference.dtype)
     module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
