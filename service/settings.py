@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,14 @@ class Settings(BaseSettings):
         """The checkpoint store: ``checkpoint_dir``, else the served checkpoint's folder."""
         first = self.checkpoint or (self.named_models[0][1] if self.model else "")
         return Path(self.checkpoint_dir or Path(first).parent).resolve()
+
+
+def server_version() -> str:
+    """headswap's version, as the V2 server metadata reports it."""
+    try:
+        return version("headswap")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _model_problems(entries: list[str], model_name: str) -> list[str]:

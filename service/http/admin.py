@@ -9,8 +9,6 @@ named by a short hash of their token.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 from typing import Any
 
 from fastapi import FastAPI, Security
@@ -19,22 +17,19 @@ from fastapi.security import HTTPBearer
 from starlette.requests import Request
 
 from service.control.controller import Controller, LoadRequest
+from service.control.repository import Repository
 from service.control.slots import ModelState, SharedState
-from service.errors import Unauthorized, by_name
+from service.errors import by_name
 from service.http.body import json_body
 from service.http.errors import guarded, status_for
 from service.http.repository import RepositoryRoutes
-from service.protocols.admin import CanaryBody, LoadBody, ModelBody
+from service.protocols.admin import CanaryBody, LoadBody, ModelBody, check_bearer, token_id
 from service.protocols.wire import schema, validate
-
-
-def token_id(token: str) -> str:
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 class AdminRoutes:
     def __init__(self, token: str, controller: Controller, shared: SharedState, guard_settings: dict[str, Any]) -> None:
-        self._token = token.encode()
+        self._token = token
         self._caller = token_id(token)
         self.controller = controller
         self.shared = shared
@@ -50,14 +45,12 @@ class AdminRoutes:
             app.add_api_route(path, guarded(self.authenticated(handler)), methods=[method], summary=summary,
                               response_model=None, openapi_extra=ADMIN_OPENAPI.get(path, {}),
                               dependencies=[Security(BEARER)])  # documents the scheme; authenticated checks it
-        RepositoryRoutes(self.authenticated, self.controller, self.shared, self.controller.store, self._caller).install(app)
+        RepositoryRoutes(self.authenticated, Repository(self.controller, self.shared, self.controller.store),
+                         self._caller).install(app)
 
     def authenticated(self, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-                raise Unauthorized("missing or wrong admin token: send Authorization: Bearer <token>", reason="auth")
+            check_bearer(request.headers.get("authorization", ""), self._token)
             return await handler(request)
 
         endpoint.__name__ = handler.__name__

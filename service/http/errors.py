@@ -1,4 +1,4 @@
-"""The one table from error types to HTTP status codes, and the boundary that applies it.
+"""The HTTP boundary of the one error table (``service.protocols.status``): error types become status codes.
 
 Every route is wrapped in ``guarded``: a ``RequestError`` becomes its status and
 ``{"error": message, **details}``; anything else is a 500 saying only "internal server error",
@@ -15,42 +15,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from service.errors import (
-    Conflict,
-    GatewayTimeout,
-    InternalError,
-    NotFound,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    RequestError,
-    Unauthorized,
-    Unprocessable,
-    UnsupportedMediaType,
-)
+from service.errors import Overloaded, RequestError
+from service.protocols import status
 
 log = logging.getLogger("headswap.http")
 Handler = Callable[[Request], Awaitable[Response]]
 
-# A type's status is that of the nearest class in its MRO listed here. The models library's errors
-# are converted where they are caught (their messages name server paths), never sent as they are.
-STATUS: dict[type[Exception], int] = {
-    PayloadTooLarge: 413,
-    UnsupportedMediaType: 415,
-    NotFound: 404,
-    Conflict: 409,
-    Unprocessable: 422,
-    Unauthorized: 401,
-    NotReady: 503,
-    GatewayTimeout: 504,
-    InternalError: 500,
-    RequestError: 400,
-}
-
 
 def status_for(kind: type[BaseException]) -> int:
-    """The HTTP status for errors of type ``kind``: its nearest listed type's, else 500."""
-    return next((STATUS[cls] for cls in kind.__mro__ if cls in STATUS), 500)
+    """The HTTP status for errors of type ``kind`` (``service.protocols.status``: its nearest listed type's, else 500)."""
+    return status.status_for(kind).http
 
 
 def status_of(exc: BaseException) -> int:

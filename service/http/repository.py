@@ -1,11 +1,8 @@
-"""Triton's model-repository extension over the served models: index, load, unload.
+"""Triton's model-repository extension over HTTP (``service.control.repository`` does the work).
 
-``POST /v2/repository/index`` lists every served model (``READY`` once every worker holds it);
-``POST /v2/repository/models/{name}/load`` serves ``{name}.safetensors`` (else ``{name}.pt``) from
-the checkpoint store, or what ``parameters.config`` names (``{"checkpoint", "merges"}``, the JSON
-text tritonclient's ``load_model(name, config=...)`` sends), as a new model or a new stable
-version of a served one; ``.../unload`` stops serving it. The admin token is required, as for
-``/admin``; tritonclient passes it as a header (``headers={"Authorization": "Bearer ..."}``).
+``POST /v2/repository/index``, ``POST /v2/repository/models/{name}/load`` and ``.../unload``. The
+admin token is required, as for ``/admin``; tritonclient passes it as a header
+(``headers={"Authorization": "Bearer ..."}``).
 """
 
 from __future__ import annotations
@@ -18,25 +15,19 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from service.control.controller import Controller
-from service.control.slots import SharedState
-from service.control.store import CheckpointStore
-from service.errors import NotFound
+from service.control.repository import Repository
 from service.http.body import json_body
 from service.http.errors import guarded
-from service.protocols.admin import RepositoryConfig, RepositoryIndexBody, RepositoryLoadBody, check_model_name
-from service.protocols.wire import load_object, schema, validate
+from service.protocols.admin import RepositoryIndexBody, RepositoryLoadBody
+from service.protocols.wire import schema, validate
 
 Authenticated = Callable[[Any], Any]
 
 
 class RepositoryRoutes:
-    def __init__(self, authenticated: Authenticated, controller: Controller, shared: SharedState, store: CheckpointStore,
-                 caller: str) -> None:
+    def __init__(self, authenticated: Authenticated, repository: Repository, caller: str) -> None:
         self.authenticated = authenticated
-        self.controller = controller
-        self.shared = shared
-        self.store = store
+        self.repository = repository
         self.caller = caller
 
     def install(self, app: FastAPI) -> None:
@@ -54,40 +45,16 @@ class RepositoryRoutes:
 
     async def index(self, request: Request) -> Response:
         body = validate(RepositoryIndexBody, await json_body(request, "repository request body"), quote=True)
-        state = self.shared.read()
-        serving, holding = self.shared.held()
-        entries = []
-        for name in state.names():
-            ready = name in serving
-            reason = ("loading" if not ready else "" if name in holding
-                      else "evicted (--memory-budget-mb): loaded again on its next request")
-            entries.append({"name": name, "version": state.models[name].stable.version,
-                            "state": "READY" if ready else "UNAVAILABLE", "reason": reason})
-        return JSONResponse([e for e in entries if e["state"] == "READY"] if body.ready else entries)
+        return JSONResponse(self.repository.index(bool(body.ready)))
 
     async def load(self, request: Request) -> Response:
         name = request.path_params["name"]
-        check_model_name(name)
         body = validate(RepositoryLoadBody, await json_body(request, "repository request body"), quote=True)
-        if body.parameters is None:
-            checkpoint, merges = self._default_checkpoint(name), ()
-        else:
-            config = validate(RepositoryConfig, load_object(body.parameters.config.encode(), what="parameters.config",
-                                                            reason="body"), where="parameters.config")
-            checkpoint, merges = config.checkpoint, tuple(config.merges)
-        await asyncio.to_thread(self.controller.add_model, name, checkpoint, merges, self.caller)
+        config = None if body.parameters is None else body.parameters.config
+        await asyncio.to_thread(self.repository.load, name, config, self.caller)
         return Response(status_code=200)
 
     async def unload(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        check_model_name(name)
         await json_body(request, "repository request body")  # Triton's unload parameters (unload_dependents) change nothing here
-        await asyncio.to_thread(self.controller.remove_model, name, self.caller)
+        await asyncio.to_thread(self.repository.unload, request.path_params["name"], self.caller)
         return Response(status_code=200)
-
-    def _default_checkpoint(self, name: str) -> str:
-        for suffix in (".safetensors", ".pt"):
-            if (self.store.root / f"{name}{suffix}").is_file():
-                return f"{name}{suffix}"
-        raise NotFound(f"no {name}.safetensors or {name}.pt in the checkpoint store: name the checkpoint in "
-                       "parameters.config", reason="checkpoint")

@@ -3,33 +3,30 @@
 from __future__ import annotations
 
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from service.errors import PayloadTooLarge
 from service.http.body import read_body
 from service.http.errors import guarded
 from service.http.routes import TIMEOUT_PARAMETER, instrumented, model_headers
 from service.inference.dataplane import DataPlane, InferenceRequest
 from service.observability.metrics import Metrics
 from service.protocols import v2_models
-from service.protocols.v2 import encode_infer_response, model_metadata, parse_infer_request, server_metadata
+from service.protocols.v2 import (
+    BODY_FACTOR,
+    MAX_BATCH,
+    MAX_ELEMENTS,
+    check_image_sizes,
+    encode_infer_response,
+    model_metadata,
+    parse_infer_request,
+    server_metadata,
+)
 from service.protocols.wire import schema
-
-MAX_BATCH = 64                         # images in one V2 request
-MAX_ELEMENTS = MAX_BATCH * 3 * 512 * 512  # PIXELS numbers in one V2 request
-V2_BODY_FACTOR = 4                     # a V2 body may hold several images: 4x --max-image-bytes
-
-
-def _server_version() -> str:
-    try:
-        return version("headswap")
-    except PackageNotFoundError:
-        return "0+unknown"
+from service.settings import server_version
 
 
 class V2Routes:
@@ -54,7 +51,7 @@ class V2Routes:
                               openapi_extra={**INFER_OPENAPI, "parameters": [*params["parameters"], TIMEOUT_PARAMETER]})
 
     async def server(self) -> Response:
-        return JSONResponse(server_metadata(version=_server_version()))
+        return JSONResponse(server_metadata(version=server_version()))
 
     async def live(self) -> Response:
         return JSONResponse({"live": True})
@@ -86,14 +83,11 @@ class V2Routes:
     async def infer(self, request: Request) -> Response:
         started = time.monotonic()
         self._resolve(request)
-        body = await read_body(request, self.max_image_bytes * V2_BODY_FACTOR)
+        body = await read_body(request, self.max_image_bytes * BODY_FACTOR)
         parsed = parse_infer_request(body, request.headers, max_elements=MAX_ELEMENTS, max_batch=MAX_BATCH)
-        for data in parsed.images or ():
-            if len(data) > self.max_image_bytes:
-                raise PayloadTooLarge(f"an IMAGE element is {len(data)} bytes, over the limit of "
-                                      f"{self.max_image_bytes}", reason="too_large")
+        check_image_sizes(parsed.images, self.max_image_bytes)
         inference = await self.plane.infer(InferenceRequest(
-            images=parsed.images, pixels=parsed.pixels, top_k=max([o.classification for o in parsed.outputs] + [1]),
+            images=parsed.images, pixels=parsed.pixels, top_k=parsed.top_k,
             timeout_s=parsed.timeout_s, started=started, key=request.headers.get("x-request-key"),
             version=request.path_params.get("model_version"), model=request.path_params["name"]),
             routed=lambda slot: setattr(request.state, "slot", slot))

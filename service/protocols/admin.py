@@ -8,11 +8,13 @@ same fields for a whole fleet.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
-from service.errors import RequestError
+from service.errors import RequestError, Unauthorized
 from service.protocols.wire import Wire
 from service.settings import MODEL_NAME
 
@@ -33,6 +35,19 @@ def check_model_name(name: str) -> None:
     """Raises RequestError (400) unless ``name`` is a possible model name."""
     if not MODEL_NAME.fullmatch(name):
         raise RequestError(f"a model name is 1-64 of A-Z a-z 0-9 _ . -, found {name[:80]!r}", reason="model_name")
+
+
+def check_bearer(authorization: str, token: str) -> None:
+    """An ``Authorization`` value (HTTP header or gRPC metadata) must be ``Bearer <token>``; compared in
+    constant time. Raises Unauthorized."""
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized("missing or wrong admin token: send Authorization: Bearer <token>", reason="auth")
+
+
+def token_id(token: str) -> str:
+    """How the audit log names a caller: a short hash of its token, never the token."""
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
 class LoadBody(Wire):

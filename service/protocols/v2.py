@@ -34,6 +34,10 @@ from service.protocols.wire import explain, load_object
 INPUTS = {"IMAGE": "BYTES", "PIXELS": "FP32"}
 OUTPUT = "PROBABILITIES"
 EXTENSIONS = ("binary_tensor_data", "classification")
+# The limits of one request, over HTTP and gRPC alike:
+MAX_BATCH = 64                            # images in one request
+MAX_ELEMENTS = MAX_BATCH * 3 * 512 * 512  # PIXELS numbers in one request
+BODY_FACTOR = 4                           # a request may hold several images: its body (message) up to 4x --max-image-bytes
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class InferRequest:
     def batch_size(self) -> int:
         return len(self.images) if self.images is not None else int(self.pixels.shape[0])
 
+    @property
+    def top_k(self) -> int:
+        """How many top classes each answer needs: the largest classification asked for, at least 1."""
+        return max([o.classification for o in self.outputs] + [1])
+
 
 def parse_infer_request(body: bytes, headers: Mapping[str, str], *, max_elements: int, max_batch: int) -> InferRequest:
     """A V2 inference request (JSON, or JSON + binary tensor data) -> InferRequest.
@@ -80,8 +89,7 @@ def parse_infer_request(body: bytes, headers: Mapping[str, str], *, max_elements
     if len(doc.inputs) != 1:
         raise RequestError(f"expected exactly 1 input (IMAGE or PIXELS), found {len(doc.inputs)}", reason="too_many_inputs")
     tensor = doc.inputs[0]
-    _check_signature(tensor)
-    _check_limits(tensor.name, tensor.shape, max_batch=max_batch, max_elements=max_elements)
+    check_input(tensor.name, tensor.datatype, tensor.shape, max_batch=max_batch, max_elements=max_elements)
     outputs = _requested_outputs(doc)
     data = read_input(tensor.name, tensor.shape, tensor.parameters.model_dump(), tensor.data,
                       has_data="data" in tensor.model_fields_set, tail=tail)
@@ -107,22 +115,23 @@ def _reason(loc: tuple) -> str:
     return {"name": "unknown_input", "datatype": "datatype", "shape": "shape"}.get(loc[2], "input")
 
 
-def _check_signature(tensor: v2_models.RequestInput) -> None:
-    name, shape = tensor.name, tensor.shape
+def check_input(name: str, datatype: str, shape: Sequence[int], *, max_batch: int, max_elements: int) -> None:
+    """The one input's name, datatype and shape, then the limits (from the shape, before any data is read).
+    Raises RequestError (400), or PayloadTooLarge (413) over ``max_batch`` images or ``max_elements`` elements."""
+    shape = list(shape)
     if name not in INPUTS:
         raise RequestError(f"unknown input {brief(name)}: expected IMAGE or PIXELS", reason="unknown_input")
-    if tensor.datatype != INPUTS[name]:
-        raise RequestError(f"input {name} must have datatype {INPUTS[name]}, found {brief(tensor.datatype)}",
+    if datatype != INPUTS[name]:
+        raise RequestError(f"input {name} must have datatype {INPUTS[name]}, found {brief(datatype)}",
                            reason="datatype")
+    if any(size < 0 for size in shape):
+        raise RequestError(f"shape of input {name} must be non-negative integers, found {shape}", reason="shape")
     if name == "IMAGE" and not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise RequestError(f"IMAGE shape must be [B] or [B, 1], found {shape}", reason="shape")
     if name == "PIXELS" and (len(shape) != 4 or shape[1] != 3 or 0 in shape[2:]):
         raise RequestError(f"PIXELS shape must be [B, 3, H, W] with H, W >= 1, found {shape}", reason="shape")
     if shape[0] < 1:
         raise RequestError(f"batch size of input {name} must be at least 1, found shape {shape}", reason="shape")
-
-
-def _check_limits(name: str, shape: list[int], *, max_batch: int, max_elements: int) -> None:
     if shape[0] > max_batch:
         raise PayloadTooLarge(f"batch of {shape[0]} is over the limit of {max_batch}", reason="batch_too_large")
     elements = math.prod(shape)
@@ -133,6 +142,23 @@ def _check_limits(name: str, shape: list[int], *, max_batch: int, max_elements: 
         )
 
 
+def check_image_sizes(images: Sequence[bytes] | None, max_image_bytes: int) -> None:
+    """Raises PayloadTooLarge (413) for an IMAGE element over ``max_image_bytes``."""
+    for data in images or ():
+        if len(data) > max_image_bytes:
+            raise PayloadTooLarge(f"an IMAGE element is {len(data)} bytes, over the limit of {max_image_bytes}",
+                                  reason="too_large")
+
+
+def check_output(name: str, classification: int) -> None:
+    """A requested output: PROBABILITIES, with a classification top-k of 0 (the tensor) or more. Raises RequestError."""
+    if name != OUTPUT:
+        raise RequestError(f"unknown output {brief(name)}: this model has one output, {OUTPUT}", reason="unknown_output")
+    if classification < 0:
+        raise RequestError(f"parameters.classification of output {OUTPUT} must be 0 or more, found {classification}",
+                           reason="outputs")
+
+
 def _requested_outputs(doc: v2_models.InferenceRequest) -> tuple[RequestedOutput, ...]:
     default_binary = doc.parameters.binary_data_output
     if not doc.outputs:
@@ -140,9 +166,7 @@ def _requested_outputs(doc: v2_models.InferenceRequest) -> tuple[RequestedOutput
     if len(doc.outputs) > 1:
         raise RequestError(f"expected at most 1 output ({OUTPUT}), found {len(doc.outputs)}", reason="outputs")
     output = doc.outputs[0]
-    if output.name != OUTPUT:
-        raise RequestError(f"unknown output {brief(output.name)}: this model has one output, {OUTPUT}",
-                           reason="unknown_output")
+    check_output(output.name, output.parameters.classification)
     params = output.parameters
     if "shared_memory_region" in params.model_fields_set | set(params.model_extra or {}):
         raise RequestError(f"parameters of output {OUTPUT} must be an object, without shared memory", reason="outputs")
