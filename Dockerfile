@@ -76,7 +76,8 @@ ENV HEADSWAP_HOST=0.0.0.0 \
     XDG_CACHE_HOME=/tmp/.cache
 WORKDIR /var/lib/headswap
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (always); 8081: gRPC, when serve is given --grpc-port 8081 (HEADSWAP_GRPC_PORT).
+EXPOSE 8000 8081
 # Liveness only (the process answers); readiness is GET /ready. slim images have no curl.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HEADSWAP_PORT', '8000') + '/health', timeout=4)"]

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import litserve as ls
 import torch
@@ -31,10 +32,13 @@ from service.control.audit import AuditLog
 from service.control.bootstrap import bootstrap, watch_rollout
 from service.control.controller import Controller
 from service.control.memory import pin_mmap_threshold
+from service.control.repository import Repository
 from service.control.rollout import RolloutFile
 from service.control.routing import CanaryGuard, GuardPolicy
 from service.control.slots import SharedState
 from service.control.store import CheckpointStore
+from service.grpc import listener as grpc_listener
+from service.grpc.inference import AdminAccess, InferenceServicer
 from service.http.admin import AdminRoutes
 from service.http.errors import framework_error
 from service.http.routes import Routes
@@ -48,7 +52,8 @@ from service.inference.dispatch import Dispatcher
 from service.inference.engine import check_servable
 from service.inference.worker import ClassifierAPI, WorkerConfig
 from service.observability.metrics import Metrics, StateCollector, exposition
-from service.settings import Settings
+from service.protocols.admin import token_id
+from service.settings import Settings, server_version
 
 log = logging.getLogger("headswap")
 
@@ -112,7 +117,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
     server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers))
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
-    readiness = Readiness(server, expected, shared)
+    grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
+    readiness = Readiness(server, expected, shared, grpc_started)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                             settings.timeout_s, settings.decode_threads,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
@@ -122,6 +128,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
+    if settings.grpc_port:
+        _grpc_listener(settings, plane, metrics, controller, shared, store, readiness, grpc_started).attach(server.app)
     server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model)  # outside routing: cheap 503s
     sidecars = _sidecars(settings, controller, shared, metrics_route, server.app)
     _ShutdownSignals().install()
@@ -130,8 +138,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     served = ", ".join(f"{name} (version {model.stable.version})" for name, model in state.models.items())
     threading.Thread(target=_after_start, args=(settings, served, readiness, sidecars, threads), daemon=True).start()
     try:
-        server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False,
-                   access_log=settings.access_log == "on")
+        server.run(host=settings.host, port=settings.port, num_api_servers=expected, log_level=settings.log_level,
+                   generate_client_file=False, access_log=settings.access_log == "on")
     finally:
         stop.set()
         for sidecar in sidecars:
@@ -142,7 +150,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
 
 def _check_ports(settings: Settings) -> None:
     """Raises OSError, naming the listener, for a port that cannot be bound."""
-    for port, what in ((settings.port, "server"), (settings.admin_port, "admin port"), (settings.metrics_port, "metrics port")):
+    for port, what in ((settings.port, "server"), (settings.admin_port, "admin port"), (settings.metrics_port, "metrics port"),
+                       (settings.grpc_port, "gRPC port")):
         if port:
             check_bindable(settings.host, port, what)
 
@@ -188,10 +197,11 @@ class Readiness:
 
     SERVING_TTL_S = 0.25  # how long a "yes, serving" answer is reused on the request path
 
-    def __init__(self, server: ls.LitServer, expected: int, shared: SharedState) -> None:
+    def __init__(self, server: ls.LitServer, expected: int, shared: SharedState, grpc_started: Any = None) -> None:
         self.server = server
-        self.expected = expected
+        self.expected = expected  # inference workers, and API servers (one per worker)
         self.shared = shared
+        self.grpc_started = grpc_started  # how many API servers' gRPC servers are up (None: no gRPC port)
         self._listening = mp.get_context("fork").RawValue("b", 0)  # before the API servers fork: shared with them
         self._serving_until = 0.0
 
@@ -212,8 +222,12 @@ class Readiness:
         states = self.states()
         return len(states) >= self.expected and all(v == WorkerSetupStatus.READY for v in states) and all(self.alive())
 
+    def grpc_up(self) -> bool:
+        """Every API server's gRPC server is up (True without a gRPC port)."""
+        return self.grpc_started is None or self.grpc_started.value >= self.expected
+
     def ready(self) -> bool:
-        return bool(self._listening.value) and self.workers_ready()
+        return bool(self._listening.value) and self.workers_ready() and self.grpc_up()
 
     def serving(self) -> bool:
         """Some worker can answer. Asked by every inference request, so a yes (one manager round trip
@@ -240,6 +254,22 @@ def _metrics_route(collector: StateCollector):
         return Response(exposition(collector), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
+
+
+def _grpc_listener(settings: Settings, plane: DataPlane, metrics: Metrics, controller: Controller, shared: SharedState,
+                   store: CheckpointStore, readiness: Readiness, started: Any) -> grpc_listener.GrpcListener:
+    """The gRPC listener each API server runs: V2 inference and health; the repository calls on it too
+    unless the admin API is off or has a port of its own."""
+    token = settings.admin_secret()
+    admin = AdminAccess(token, token_id(token) if token else "", elsewhere=bool(settings.admin_port))
+    repository = Repository(controller, shared, store)
+    version = server_version()
+
+    def servicer() -> InferenceServicer:
+        return InferenceServicer(plane, metrics, settings.max_image_bytes, version, repository, admin)
+
+    return grpc_listener.GrpcListener(settings.host, settings.grpc_port, servicer, max_image_bytes=settings.max_image_bytes,
+                                      is_ready=readiness.ready, drain_timeout_s=settings.drain_timeout_s, started=started)
 
 
 def _sidecars(settings: Settings, controller: Controller, shared: SharedState, metrics_route: object,
@@ -277,10 +307,14 @@ def _after_start(settings: Settings, served: str, readiness: Readiness,
         sidecar.start()
     while not all(sidecar.answers() for sidecar in sidecars):
         time.sleep(0.05)
+    if settings.grpc_port:
+        grpc_address = grpc_listener.address(host, settings.grpc_port)
+        while not readiness.grpc_up() or not grpc_listener.answers(grpc_address):
+            time.sleep(0.05)
     readiness.listening()
     for thread in threads:
         thread.start()
-    log.info("headswap serving %s at %s", served, url)
+    log.info("headswap serving %s at %s%s", served, url, f" and gRPC {host}:{settings.grpc_port}" if settings.grpc_port else "")
 
 
 def _answers(url: str) -> bool:

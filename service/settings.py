@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     admin_token_file: str = _opt("", "file holding the admin API bearer token (or set HEADSWAP_ADMIN_TOKEN); none: admin off")
     admin_port: int = _opt(0, "serve /admin on this separate port only (0: on the main port)")
     metrics_port: int = _opt(0, "also serve /metrics on this separate port (0: main port only)")
+    grpc_port: int = _opt(0, "serve the KServe V2 protocol over gRPC (inference.GRPCInferenceService) and gRPC health "
+                          "(grpc.health.v1) on this port, beside HTTP (0: off)")
     rollout_file: str = _opt("", "JSON/YAML rollout spec to converge to and watch (fleet source of truth)")
     state_dir: str = _opt("", "folder for persisted slot choices and the audit log")
     guard_window: int = _opt(200, "canary guard: judge the last N canary requests / shadow comparisons")
@@ -152,14 +154,14 @@ class Settings(BaseSettings):
             problems.append(f"guard_window must be >= 1, found {self.guard_window}")
         if not (0 <= self.guard_max_error_rate <= 1 and 0 <= self.guard_min_agreement <= 1):
             problems.append("guard_max_error_rate and guard_min_agreement must be within [0, 1]")
-        for name, lowest in (("port", 1), ("admin_port", 0), ("metrics_port", 0)):  # 0: that listener is off
+        for name, lowest in (("port", 1), ("admin_port", 0), ("metrics_port", 0), ("grpc_port", 0)):  # 0: that listener is off
             value = getattr(self, name)
             if not lowest <= value <= 65535:
                 problems.append(f"{name} must be within {lowest}-65535{' (0: off)' if lowest == 0 else ''}, found {value}")
-        ports = [p for p in (self.port, self.admin_port, self.metrics_port) if p]
+        ports = [p for p in (self.port, self.admin_port, self.metrics_port, self.grpc_port) if p]
         if len(ports) != len(set(ports)):
-            problems.append(f"port, admin_port and metrics_port must differ, found {self.port}, {self.admin_port}, "
-                            f"{self.metrics_port}")
+            problems.append(f"port, admin_port, metrics_port and grpc_port must differ, found {self.port}, "
+                            f"{self.admin_port}, {self.metrics_port}, {self.grpc_port}")
         for name in ("device", "precision", "log_level", "access_log"):
             choices = _choices(name)
             if getattr(self, name) not in choices:

@@ -18,6 +18,7 @@ MAY_IMPORT = {
     "control": {"observability", "protocols"},
     "inference": {"control", "observability", "protocols"},
     "http": {"inference", "control", "observability", "protocols"},
+    "grpc": {"inference", "control", "observability", "protocols"},  # beside http: neither imports the other
 }
 SHARED = {"service.errors", "service.settings"}
 ROOT_MODULE = "service.server"

@@ -305,8 +305,13 @@ def test_deployment_probes_volumes_and_shutdown(rendered: dict[str, list[dict[st
     assert env["HEADSWAP_ADMIN_TOKEN"] == {"secretKeyRef": {"name": "headswap-admin", "key": "token"}}
     assert "token" in one(docs, "Secret", "headswap-admin")["stringData"]
     assert args["host"] == "0.0.0.0" and args["port"] == "8000" and args["admin-port"] == "8001"
+    assert args["grpc-port"] == "8081"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": 8000, "admin": 8001}
+    assert ports == {"http": 8000, "admin": 8001, "grpc": 8081}
+    service_ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert service_ports["grpc"] == {"name": "grpc", "port": 8081, "targetPort": "grpc", "protocol": "TCP",
+                                     "appProtocol": "grpc"}
+    assert "admin" not in service_ports
 
 
 def test_selectors_reach_the_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -325,9 +330,10 @@ def test_selectors_reach_the_pods(rendered: dict[str, list[dict[str, Any]]]) -> 
 
 def test_network_policy_fences_only_the_admin_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
     rules = one(rendered["cpu"], "NetworkPolicy")["spec"]["ingress"]
-    by_port = {r["ports"][0]["port"]: r for r in rules}
-    assert set(by_port) == {8000, 8001}
+    by_port = {p["port"]: r for r in rules for p in r["ports"]}
+    assert set(by_port) == {8000, 8001, 8081}
     assert "from" not in by_port[8000], "8000 serves clients, the ingress and Prometheus"
+    assert "from" not in by_port[8081], "8081 serves gRPC clients"
     assert by_port[8001]["from"] == [{"podSelector": {"matchLabels": {"headswap.io/admin-client": "true"}}}]
 
 
@@ -397,7 +403,9 @@ def test_custom_resources_fit_the_objects_they_refer_to(rendered: dict[str, list
     predictor = isvc["spec"]["predictor"]
     (c,) = predictor["containers"]
     assert c["name"] == "kserve-container"
-    assert [p["containerPort"] for p in c["ports"]] == [int(arg_values(c["args"])["port"])] == [8000]
+    args = arg_values(c["args"])
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http1": int(args["port"]), "h2c": int(args["grpc-port"])}
+    assert (args["port"], args["grpc-port"]) == ("8000", "8081")
     assert env_of(c)["PROTOCOL"] == "v2"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert env_of(c)["STORAGE_URI"] == "pvc://headswap-checkpoints"
@@ -519,7 +527,7 @@ def test_dockerfile_layers_and_final_stage(dockerfile: list[dict[str, Any]]) -> 
         [["--from=build", "/opt/venv", "/opt/venv"]], "the final stage takes only the virtualenv"
     user = [i["value"] for i in final if i["instruction"] == "USER"]
     assert user and user[-1].split(":")[0].isdigit() and int(user[-1].split(":")[0]) >= 10000
-    assert [i["value"] for i in final if i["instruction"] == "EXPOSE"] == ["8000"]
+    assert [i["value"] for i in final if i["instruction"] == "EXPOSE"] == ["8000 8081"]
     env = " ".join(i["value"] for i in final if i["instruction"] == "ENV")
     assert "PROMETHEUS_MULTIPROC_DIR=/var/run/headswap/metrics" in env
     assert "HEADSWAP_STATE_DIR=/var/lib/headswap/state" in env and "HEADSWAP_HOST=0.0.0.0" in env
