@@ -1,4 +1,4 @@
-"""Closed-loop HTTP/1.1 load over loopback, light enough to share a 2-core machine with the server.
+"""Closed-loop HTTP/1.1 (or gRPC) load over loopback, light enough to share a 2-core machine with the server.
 
 Each virtual user holds one keep-alive connection and sends its next request as soon as the
 previous answer is in (closed loop). A spec with a ``rate`` runs open loop instead (arrivals on a
@@ -33,6 +33,9 @@ HOST = "127.0.0.1"  # loopback only: this tool never sends load anywhere else
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # The series a load run reads from the server's /metrics (summed per series, labels included).
+# What a gRPC code is over HTTP (service.protocols.status), for one status column across protocols.
+GRPC_STATUS = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409,
+               "RESOURCE_EXHAUSTED": 413, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 SERIES = ("headswap_batch_size_sum", "headswap_batch_size_count", "headswap_rejected_total", "headswap_queue_depth",
           "headswap_inflight_requests")
 
@@ -50,6 +53,7 @@ class LoadSpec:
     timeout_s: float = 60.0
     sid: int = 0  # the server's session id (its pid when started with start_new_session); 0: no CPU sampling
     metrics_path: str = ""  # e.g. /metrics; "": no scrape
+    metrics_port: int = 0  # where metrics_path is served (0: port)
     method: str = "POST"
     # Open loop (bench.openloop) when rate > 0: Poisson arrivals at ``rate`` per second, seeded,
     # for warmup_s + measure_s; concurrency is then unused.
@@ -58,6 +62,9 @@ class LoadSpec:
     drain_s: float = 35.0  # after the last arrival, longest wait for answers still due; the rest are abandoned
     max_connections: int = 0  # open connections at most (0: what the file-descriptor limit allows)
     watch_s: float = 0.0  # open loop: read headswap_queue_depth every this many seconds (0: never)
+    # "grpc": each body is a serialized request sent to the gRPC method ``path`` (e.g.
+    # /inference.GRPCInferenceService/ModelInfer) on ``port``, one channel (HTTP/2 connection) per user.
+    protocol: str = "http"
 
 
 def start_load(spec: LoadSpec, workdir: Path) -> subprocess.Popen:
@@ -155,7 +162,36 @@ class Load:
         self.errors: dict[str, int] = {}
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._user(u) for u in range(self.spec.concurrency)))
+        user = self._grpc_user if self.spec.protocol == "grpc" else self._user
+        await asyncio.gather(*(user(u) for u in range(self.spec.concurrency)))
+
+    async def _grpc_user(self, user: int) -> None:
+        """As ``_user``, over one gRPC channel: the answer's status is the HTTP status of its gRPC code."""
+        import grpc  # noqa: PLC0415 - only gRPC runs need it
+
+        from service.protocols.grpc_v2.open_inference_pb2 import ModelInferResponse  # noqa: PLC0415
+
+        index = user
+        # A pool of its own: else gRPC shares one connection among every channel to the same target
+        # (one API-server process would get every user's calls).
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(f"{HOST}:{self.spec.port}", options=options) as channel:
+            call = channel.unary_unary(self.spec.path)  # bytes in, bytes out: requests are serialized up front
+            while time.monotonic() < self.stop_at and self.issued < self.spec.max_requests:
+                self.issued += 1
+                request = self.requests[index % len(self.requests)]
+                index += 1
+                started = time.monotonic()
+                try:
+                    answer = ModelInferResponse.FromString(await call(request, timeout=self.spec.timeout_s))
+                except grpc.aio.AioRpcError as exc:
+                    self.records.add(started, time.monotonic(), GRPC_STATUS.get(exc.code().name, 599), 0, "")
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" not in (exc.details() or ""):
+                        self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
+                        await asyncio.sleep(0.05)  # no server: not a busy loop
+                    continue
+                batch = answer.parameters["batch_size"].int64_param if "batch_size" in answer.parameters else 0
+                self.records.add(started, time.monotonic(), 200, batch, answer.model_version)
 
     async def _user(self, user: int) -> None:
         index = user
@@ -257,7 +293,7 @@ def sample(spec: LoadSpec) -> dict[str, Any]:
     """The server's CPU, its metrics, our own CPU and the machine's, now."""
     return {"t": time.monotonic(), "self_cpu_s": _cpu_self(), "machine_busy_s": machine_busy_s(),
             "server": process_cpu(spec.sid) if spec.sid else {},
-            "metrics": scrape(spec.port, spec.metrics_path) if spec.metrics_path else {}}
+            "metrics": scrape(spec.metrics_port or spec.port, spec.metrics_path) if spec.metrics_path else {}}
 
 
 async def measure(spec: LoadSpec) -> dict[str, Any]:
@@ -266,7 +302,8 @@ async def measure(spec: LoadSpec) -> dict[str, Any]:
     SIGUSR1 ends the measured window early (the swap test stops the load once its swaps are done).
     """
     bodies = [Path(p).read_bytes() for p in spec.bodies] or [b""]
-    requests = [encode_request(spec.method, spec.path, spec.content_type, body) for body in bodies]
+    requests = bodies if spec.protocol == "grpc" else [encode_request(spec.method, spec.path, spec.content_type, body)
+                                                       for body in bodies]
     loop = asyncio.get_running_loop()
     began = time.monotonic()
     load = Load(spec, requests, stop_at=began + spec.warmup_s + spec.measure_s)

@@ -63,6 +63,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                       f"{sw['p99_near_ms']:.1f} vs {sw['p99_steady_ms']:.1f} ms", at_most=True))
     if r.get("overload"):
         out += overload_targets(r["overload"])
+    if r.get("grpc"):
+        g = r["grpc"]
+        grpc_rps, http_rps = (sum(p["rps"] for p in g[k]) / len(g[k]) for k in ("grpc", "http"))
+        out.append(_ratio(f"gRPC req/s ≥ 1.0 × HTTP raw bodies at the same concurrency ({g['grpc'][0]['concurrency']}), "
+                          "mean of alternating windows", grpc_rps, http_rps, 1.0, True,
+                          f"{grpc_rps:.1f} vs {http_rps:.1f} req/s"))
     return out
 
 
@@ -128,9 +134,20 @@ def render(r: dict[str, Any], figure: str) -> str:
     lines += [_row("plain LitServe (JSON base64)", p) for p in r.get("reference", {}).get("points", [])]
     lines += [_row("headswap GET /health (HTTP only)", r["stack"]["health"]),
               _row("headswap do-nothing (HTTP + queue + worker, no decode/forward)", r["stack"]["do_nothing"])]
+    if r.get("grpc"):
+        g = r["grpc"]
+        for i, (http, grpc) in enumerate(zip(g["http"], g["grpc"])):
+            lines += [_row(f"headswap + --grpc-port: HTTP raw JPEG (window {2 * i + 1})", http),
+                      _row(f"headswap + --grpc-port: V2 gRPC, raw IMAGE BYTES (window {2 * i + 2})", grpc)]
+        lines += [_row("headswap + --grpc-port: HTTP do-nothing", g["http_do_nothing"]),
+                  _row("headswap + --grpc-port: gRPC do-nothing", g["grpc_do_nothing"])]
     lines += ["", "Mean batch: images per executed forward pass, from the server's `headswap_batch_size` histogram over the "
               "window. Requests/s counts answers with the expected status (200; 400 for do-nothing, which the worker "
               "refuses without a forward pass).", "",
+              *(["The *--grpc-port* rows are one server (the defaults plus `--grpc-port`) in one run: V2 over "
+                 "gRPC as `tritonclient.grpc` sends it (IMAGE as raw BYTES, one channel and connection per virtual user) "
+                 "beside HTTP raw bodies at the same concurrency, in alternating windows, and each protocol's do-nothing "
+                 "capacity (the 1×1 PIXELS request the worker refuses).", ""] if r.get("grpc") else []),
               f"![throughput and latency]({figure})", "",
               "### Ceilings", "",
               f"Bare model ({bare['threads']} threads, ready-made normalised tensors, `torch.inference_mode`):", "",

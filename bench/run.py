@@ -3,8 +3,8 @@
 Measures, in order: the bare model (the ceiling), decode capacity, headswap with its defaults end
 to end at several concurrencies (with the HTTP-only and do-nothing capacities of its stack), a
 hot-swap under load, overload (open-loop arrivals at 1x, 2x, 4x the saturation rate, with
-shedding on and, beside it, off), labelled variants (other layouts), a plain LitServe
-reference, and cold start.
+shedding on and, beside it, off), V2 over gRPC beside HTTP (and each one's do-nothing capacity),
+labelled variants (other layouts), a plain LitServe reference, and cold start.
 Writes ``bench/results.json``, ``bench/throughput.png`` and ``BENCHMARKS.md``; checks the
 targets and says plainly which are missed.
 
@@ -47,6 +47,8 @@ from models import CheckpointMeta, build_classifier, eval_transform, load_classi
 from models.demo_data import TASKS, draw_image
 from models.transforms import normalize, resize_crop
 from service.inference.decode import DecodeLimits, decode_image
+from service.protocols.grpc_v2 import open_inference_pb2
+from service.protocols.v2_tensors import pack_bytes
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -471,6 +473,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
                     warmup_s=plan.warmup_s, measure_s=plan.measure_s, max_requests=plan.max_requests, metrics_path="/metrics")
     results.update(headswap_stage(plan, base, jpeg, swap_names, work))
     results["overload"]["systems"].append(unbounded_stage(plan, base, jpeg, results["overload"], work))
+    results["grpc"] = grpc_stage(plan, base, jpeg, work)
     results["variants"] = [variant_stage(plan, name, change, levels, base, jpeg, work) for name, change, levels in plan.variants]
     results["reference"] = reference_stage(plan, base, replace(jpeg, bodies=[str(p) for p in make_json_bodies(images, work / "json")],
                                                                content_type="application/json", metrics_path=""), work)
@@ -530,6 +533,50 @@ def overload_points(name: str, flags: list[str], server: Running, spec: LoadSpec
     points = open_loop_points(server.port, server.sid, spec, saturation, plan.overload_factors, plan.overload_warmup_s,
                               plan.overload_s, plan.overload_drain_s, name.split(", ")[-1], work, say)
     return {"name": name, "flags": flags, "points": points}
+
+
+def grpc_stage(plan: Plan, base: Path, jpeg: LoadSpec, work: Path) -> dict[str, Any]:
+    """The defaults plus ``--grpc-port``: HTTP raw JPEG bodies and V2 gRPC (IMAGE as raw BYTES, as
+    tritonclient.grpc sends it) at the same concurrency, in alternating windows (two of each; one
+    with --quick), then each protocol's do-nothing capacity, all against one server in one run."""
+    port, grpc_port = free_port(), free_port()
+    extra = ("--grpc-port", str(grpc_port))
+    model = f"bench-{plan.arch}"
+    say(f"headswap, HTTP and gRPC: {' '.join([*server_flags(plan), *extra])}")
+    folder = work / "grpc"
+    folder.mkdir(exist_ok=True)
+    infer = [_grpc_body(folder / f"{i}.bin", model, "IMAGE", "BYTES", [1], pack_bytes([Path(p).read_bytes()]))
+             for i, p in enumerate(jpeg.bodies)]
+    nothing = _grpc_body(folder / "nothing.bin", model, "PIXELS", "FP32", [1, 3, 1, 1], bytes(12))
+    top = plan.concurrencies[-1]
+    seconds = 3.0 if plan.mode == "quick" else 8.0
+    with running(headswap_cmd(base, port, plan, extra), "/ready", port, work / "grpc.log", signal.SIGTERM) as server:
+        say(f"  cold start {server.cold_start_s:.1f} s")
+        http_spec = replace(jpeg, port=port, concurrency=top)
+        grpc_spec = replace(http_spec, port=grpc_port, path=GRPC_INFER, bodies=infer, content_type="", protocol="grpc",
+                            metrics_port=port)
+        # Alternating windows: the machine's speed drifts over minutes; both protocols see the same drift.
+        points: dict[str, Any] = {"http": [], "grpc": []}
+        for _ in range(1 if plan.mode == "quick" else 2):
+            points["http"] += sweep(server, http_spec, (top,), work, "HTTP raw")
+            points["grpc"] += sweep(server, grpc_spec, (top,), work, "gRPC")
+        do_nothing = _do_nothing_spec(work, port, model, plan, seconds)
+        points["http_do_nothing"] = sweep(server, do_nothing, (top,), work, "HTTP do-nothing", ok_status=400)[0]
+        points["grpc_do_nothing"] = sweep(server, replace(do_nothing, port=grpc_port, path=GRPC_INFER, bodies=[nothing],
+                                                          content_type="", protocol="grpc"),
+                                          (top,), work, "gRPC do-nothing", ok_status=400)[0]
+    return {"flags": [*server_flags(plan), *extra], "cold_start_s": server.cold_start_s, **points}
+
+
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _grpc_body(path: Path, model: str, name: str, datatype: str, shape: list[int], raw: bytes) -> str:
+    """A serialized V2 ModelInferRequest with one input as raw contents, written to ``path``."""
+    request = open_inference_pb2.ModelInferRequest(model_name=model, raw_input_contents=[raw])
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    path.write_bytes(request.SerializeToString())
+    return str(path)
 
 
 def variant_stage(plan: Plan, name: str, change: dict[str, int], levels: tuple[int, ...], base: Path, jpeg: LoadSpec,
