@@ -161,6 +161,13 @@ class Load:
         self.issued = 0
         self.errors: dict[str, int] = {}
 
+    def _next(self, index: int) -> bytes | None:
+        """A user's request number ``index``; None once the window has ended or the cap is reached."""
+        if time.monotonic() >= self.stop_at or self.issued >= self.spec.max_requests:
+            return None
+        self.issued += 1
+        return self.requests[index % len(self.requests)]
+
     async def run(self) -> None:
         user = self._grpc_user if self.spec.protocol == "grpc" else self._user
         await asyncio.gather(*(user(u) for u in range(self.spec.concurrency)))
@@ -177,9 +184,7 @@ class Load:
         options = [("grpc.use_local_subchannel_pool", 1)]
         async with grpc.aio.insecure_channel(f"{HOST}:{self.spec.port}", options=options) as channel:
             call = channel.unary_unary(self.spec.path)  # bytes in, bytes out: requests are serialized up front
-            while time.monotonic() < self.stop_at and self.issued < self.spec.max_requests:
-                self.issued += 1
-                request = self.requests[index % len(self.requests)]
+            while (request := self._next(index)) is not None:
                 index += 1
                 started = time.monotonic()
                 try:
@@ -196,9 +201,7 @@ class Load:
     async def _user(self, user: int) -> None:
         index = user
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        while time.monotonic() < self.stop_at and self.issued < self.spec.max_requests:
-            self.issued += 1
-            request = self.requests[index % len(self.requests)]
+        while (request := self._next(index)) is not None:
             index += 1
             started = time.monotonic()
             try:

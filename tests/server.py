@@ -132,7 +132,13 @@ def sigterm_under_load(server: Server, paths: list[str], body: Callable[[int], b
             results.append(response.status_code)
             started.set()
 
-    threads = [threading.Thread(target=client, args=(path,)) for path in paths]
+    return sigterm_while(server, [lambda path=path: client(path) for path in paths], started), results
+
+
+def sigterm_while(server: Server, clients: list[Callable[[], None]], started: threading.Event) -> int:
+    """Run each client in a thread of its own; once ``started`` is set (an answer came), SIGTERM the
+    server and wait for it and for the clients. Returns the server's exit code."""
+    threads = [threading.Thread(target=client) for client in clients]
     for thread in threads:
         thread.start()
     assert started.wait(60)
@@ -140,4 +146,4 @@ def sigterm_under_load(server: Server, paths: list[str], body: Callable[[int], b
     code = stop(server)
     for thread in threads:
         thread.join(60)
-    return code, results
+    return code

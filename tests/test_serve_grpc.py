@@ -34,7 +34,7 @@ from service.protocols.grpc_v2 import health_pb2, health_pb2_grpc, open_inferenc
 from service.protocols.grpc_v2 import open_inference_pb2 as pb
 from tests.conftest import make_checkpoint
 from tests.images import jpeg
-from tests.server import HEADSWAP, Server, free_port, run_server, session_pids, stop, wait_gone
+from tests.server import HEADSWAP, Server, free_port, run_server, session_pids, sigterm_while, wait_gone, wait_ready
 from tests.test_hotswap import TOKEN, admin
 from tests.test_metrics import samples, value
 from tests.test_serve_predict import offline_probs
@@ -363,25 +363,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _first_ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.02)
-    raise AssertionError("never ready")
-
-
 def test_ready_means_the_grpc_listener_answers(checkpoint: Path, tmp_path: Path) -> None:
     """Defaults (one API server per core, each with its own gRPC server) and an admin port: right after
     the first /ready 200, with no retry, gRPC answers health and inference and the admin port answers.
     The repository calls, admin calls, are then refused on the gRPC port (PERMISSION_DENIED)."""
     admin_port = free_port()
     with grpc_server(checkpoint, tmp_path, "--admin-port", str(admin_port), ready=False) as (server, port):
-        _first_ready(server.url, server.proc)
+        wait_ready(server.url, server.proc)  # returns at the first 200
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
@@ -433,14 +421,8 @@ def test_sigterm_under_grpc_load_drains_and_exits_0(checkpoint: Path, tmp_path: 
         assert code(caught.value) == "StatusCode.UNIMPLEMENTED"
         statuses: list[str] = []
         started = threading.Event()
-        threads = [threading.Thread(target=_calls_until_refused(f"127.0.0.1:{port}", name, statuses, started)) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        assert started.wait(60)
-        server.proc.send_signal(signal.SIGTERM)
-        exit_code = stop(server)
-        for thread in threads:
-            thread.join(60)
+        clients = [_calls_until_refused(f"127.0.0.1:{port}", name, statuses, started) for _ in range(4)]
+        exit_code = sigterm_while(server, clients, started)
         assert exit_code == 0, server.output()[-2000:]
         assert not wait_gone(server.proc.pid)
         assert not session_pids(server.proc.pid)
