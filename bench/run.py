@@ -537,8 +537,9 @@ def overload_points(name: str, flags: list[str], server: Running, spec: LoadSpec
 
 def grpc_stage(plan: Plan, base: Path, jpeg: LoadSpec, work: Path) -> dict[str, Any]:
     """The defaults plus ``--grpc-port``: HTTP raw JPEG bodies and V2 gRPC (IMAGE as raw BYTES, as
-    tritonclient.grpc sends it) at the same concurrency, in alternating windows (two of each; one
-    with --quick), then each protocol's do-nothing capacity, all against one server in one run."""
+    tritonclient.grpc sends it) at the same concurrency, in windows ordered HTTP, gRPC, gRPC, HTTP
+    (one of each with --quick), then each protocol's do-nothing capacity, all against one server in
+    one run."""
     port, grpc_port = free_port(), free_port()
     extra = ("--grpc-port", str(grpc_port))
     model = f"bench-{plan.arch}"
@@ -555,17 +556,19 @@ def grpc_stage(plan: Plan, base: Path, jpeg: LoadSpec, work: Path) -> dict[str, 
         http_spec = replace(jpeg, port=port, concurrency=top)
         grpc_spec = replace(http_spec, port=grpc_port, path=GRPC_INFER, bodies=infer, content_type="", protocol="grpc",
                             metrics_port=port)
-        # Alternating windows: the machine's speed drifts over minutes; both protocols see the same drift.
+        # The machine's speed drifts over minutes: windows in the order HTTP, gRPC, gRPC, HTTP (ABBA)
+        # give both protocols the same share of a steady drift (HTTP, gRPC alone with --quick).
         points: dict[str, Any] = {"http": [], "grpc": []}
-        for _ in range(1 if plan.mode == "quick" else 2):
-            points["http"] += sweep(server, http_spec, (top,), work, "HTTP raw")
-            points["grpc"] += sweep(server, grpc_spec, (top,), work, "gRPC")
+        order = ("http", "grpc") if plan.mode == "quick" else ("http", "grpc", "grpc", "http")
+        for protocol in order:
+            spec, label = (http_spec, "HTTP raw") if protocol == "http" else (grpc_spec, "gRPC")
+            points[protocol] += sweep(server, spec, (top,), work, label)
         do_nothing = _do_nothing_spec(work, port, model, plan, seconds)
         points["http_do_nothing"] = sweep(server, do_nothing, (top,), work, "HTTP do-nothing", ok_status=400)[0]
         points["grpc_do_nothing"] = sweep(server, replace(do_nothing, port=grpc_port, path=GRPC_INFER, bodies=[nothing],
                                                           content_type="", protocol="grpc"),
                                           (top,), work, "gRPC do-nothing", ok_status=400)[0]
-    return {"flags": [*server_flags(plan), *extra], "cold_start_s": server.cold_start_s, **points}
+    return {"flags": [*server_flags(plan), *extra], "cold_start_s": server.cold_start_s, "order": list(order), **points}
 
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
