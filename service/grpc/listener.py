@@ -11,7 +11,6 @@ and finishes the calls in flight within ``drain_timeout_s``.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +24,6 @@ from service.grpc.inference import InferenceServicer
 from service.protocols.grpc_v2 import health_pb2, health_pb2_grpc, open_inference_pb2_grpc
 from service.protocols.v2 import BODY_FACTOR
 
-log = logging.getLogger("headswap.grpc")
 MESSAGE_OVERHEAD = 64 * 1024  # the protobuf framing around a request's images
 
 
