@@ -132,18 +132,20 @@ def sigterm_under_load(server: Server, paths: list[str], body: Callable[[int], b
             results.append(response.status_code)
             started.set()
 
-    return sigterm_while(server, [lambda path=path: client(path) for path in paths], started), results
+    return sigterm_while(server, [lambda path=path: client(path) for path in paths], started)[0], results
 
 
-def sigterm_while(server: Server, clients: list[Callable[[], None]], started: threading.Event) -> int:
+def sigterm_while(server: Server, clients: list[Callable[[], None]], started: threading.Event) -> tuple[int, float]:
     """Run each client in a thread of its own; once ``started`` is set (an answer came), SIGTERM the
-    server and wait for it and for the clients. Returns the server's exit code."""
+    server and wait for it and for the clients. Returns the server's exit code and when (time.monotonic)
+    the signal was sent."""
     threads = [threading.Thread(target=client) for client in clients]
     for thread in threads:
         thread.start()
     assert started.wait(60)
+    signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = stop(server)
     for thread in threads:
         thread.join(60)
-    return code
+    return code, signalled
