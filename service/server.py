@@ -128,10 +128,11 @@ def _serve(settings: Settings, runtime: Path) -> int:
     collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
+    repository = Repository(controller, shared, store)  # Triton's repository calls, over HTTP and gRPC alike
     if settings.grpc_port:
-        _grpc_listener(settings, plane, metrics, controller, shared, store, readiness, grpc_started).attach(server.app)
+        _grpc_listener(settings, plane, metrics, repository, readiness, grpc_started).attach(server.app)
     server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model)  # outside routing: cheap 503s
-    sidecars = _sidecars(settings, controller, shared, metrics_route, server.app)
+    sidecars = _sidecars(settings, controller, shared, repository, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
     threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop, rollout_stamp), daemon=True)] if rollout else []
@@ -256,13 +257,12 @@ def _metrics_route(collector: StateCollector):
     return metrics
 
 
-def _grpc_listener(settings: Settings, plane: DataPlane, metrics: Metrics, controller: Controller, shared: SharedState,
-                   store: CheckpointStore, readiness: Readiness, started: Any) -> grpc_listener.GrpcListener:
+def _grpc_listener(settings: Settings, plane: DataPlane, metrics: Metrics, repository: Repository, readiness: Readiness,
+                   started: Any) -> grpc_listener.GrpcListener:
     """The gRPC listener each API server runs: V2 inference and health; the repository calls on it too
     unless the admin API is off or has a port of its own."""
     token = settings.admin_secret()
     admin = AdminAccess(token, token_id(token) if token else "", elsewhere=bool(settings.admin_port))
-    repository = Repository(controller, shared, store)
     version = server_version()
 
     def servicer() -> InferenceServicer:
@@ -272,13 +272,13 @@ def _grpc_listener(settings: Settings, plane: DataPlane, metrics: Metrics, contr
                                       is_ready=readiness.ready, drain_timeout_s=settings.drain_timeout_s, started=started)
 
 
-def _sidecars(settings: Settings, controller: Controller, shared: SharedState, metrics_route: object,
-              app: FastAPI) -> list[SidecarServer]:
+def _sidecars(settings: Settings, controller: Controller, shared: SharedState, repository: Repository,
+              metrics_route: object, app: FastAPI) -> list[SidecarServer]:
     """Admin on the main app or its own port; /metrics also on its own port if asked."""
     sidecars = []
     token = settings.admin_secret()
     if token:
-        admin = AdminRoutes(token, controller, shared, {
+        admin = AdminRoutes(token, controller, shared, repository, {
             "window": settings.guard_window, "max_error_rate": settings.guard_max_error_rate,
             "min_agreement": settings.guard_min_agreement})
         if settings.admin_port:

@@ -28,11 +28,13 @@ from service.protocols.wire import schema, validate
 
 
 class AdminRoutes:
-    def __init__(self, token: str, controller: Controller, shared: SharedState, guard_settings: dict[str, Any]) -> None:
+    def __init__(self, token: str, controller: Controller, shared: SharedState, repository: Repository,
+                 guard_settings: dict[str, Any]) -> None:
         self._token = token
         self._caller = token_id(token)
         self.controller = controller
         self.shared = shared
+        self.repository = repository
         self.guard_settings = guard_settings
 
     def install(self, app: FastAPI) -> None:
@@ -45,8 +47,7 @@ class AdminRoutes:
             app.add_api_route(path, guarded(self.authenticated(handler)), methods=[method], summary=summary,
                               response_model=None, openapi_extra=ADMIN_OPENAPI.get(path, {}),
                               dependencies=[Security(BEARER)])  # documents the scheme; authenticated checks it
-        RepositoryRoutes(self.authenticated, Repository(self.controller, self.shared, self.controller.store),
-                         self._caller).install(app)
+        RepositoryRoutes(self.authenticated, self.repository, self._caller).install(app)
 
     def authenticated(self, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
