@@ -6,6 +6,12 @@ server) for a short warm-up and a measured window (``bench.openloop``), waits fo
 then lets the server settle (nothing in flight, nothing queued) before the next point, so that
 one point's backlog is never the next one's load. It runs once on the server with its defaults
 (shedding on, ``--max-queue auto``) and once with ``--max-queue 0`` (unbounded), beside it.
+
+A shared machine's speed drifts by 10% and more within minutes, so the sweep's best requests/s,
+measured minutes earlier (and the best of several noisy windows), is a poor yardstick for one
+point's goodput. Given a ``capacity`` probe (a closed-loop window at the saturation concurrency),
+the points are measured between such windows (capacity, 1x, capacity, 2x, ...), and each point
+keeps the two around it: its goodput is judged against the server's capacity of that minute.
 """
 
 from __future__ import annotations
@@ -44,9 +50,12 @@ def settle(port: int, limit_s: float) -> float:
 
 def open_loop_points(port: int, sid: int, spec: LoadSpec, saturation: float, factors: tuple[float, ...],
                      warmup_s: float, measure_s: float, drain_s: float, label: str, work: Path,
-                     say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One open-loop point per factor against the server on ``port`` (session ``sid``)."""
+                     say: Callable[[str], None], capacity: Callable[[], float] | None = None) -> list[dict[str, Any]]:
+    """One open-loop point per factor against the server on ``port`` (session ``sid``); with
+    ``capacity`` (closed-loop requests/s now), each point also gets ``capacity_around``: the
+    capacity measured just before and just after it (the server settled first)."""
     points = []
+    before = _capacity(port, drain_s, capacity, say) if capacity else None
     for i, factor in enumerate(factors):
         waited = settle(port, drain_s)
         run = replace(spec, port=port, sid=sid, concurrency=0, rate=factor * saturation, seed=i + 1, warmup_s=warmup_s,
@@ -58,4 +67,15 @@ def open_loop_points(port: int, sid: int, spec: LoadSpec, saturation: float, fac
             f"p50/p99 {point['p50_ms']:.0f}/{point['p99_ms']:.0f} ms  503s {point['rejected_503']} "
             f"(p99 {point['p99_503_ms']:.1f} ms)  other {other or 0}  lag p99 {point['lag_p99_ms']:.1f} ms  "
             f"server RSS {sum(point['rss']['before'].values()) / 2**20:.0f} -> {sum(point['rss']['close'].values()) / 2**20:.0f} MiB")
+        if capacity:
+            after = _capacity(port, drain_s, capacity, say)
+            point["capacity_around"] = [before, after]
+            before = after
     return points
+
+
+def _capacity(port: int, drain_s: float, capacity: Callable[[], float], say: Callable[[str], None]) -> float:
+    settle(port, drain_s)
+    rps = capacity()
+    say(f"  capacity now (closed loop): {rps:.1f} req/s")
+    return rps

@@ -84,6 +84,7 @@ class Plan:
     overload_warmup_s: float = 2.0
     overload_s: float = 20.0
     overload_drain_s: float = 35.0  # the server's --timeout-s (30 s) and a margin: every admitted request is answered by then
+    overload_capacity_s: float = 10.0  # each closed-loop window around an overload point (the server's capacity then)
     images: int = 32
     max_requests: int = 50_000
     decode_on: str = "api"
@@ -109,7 +110,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         bare_s=2.0 if quick else 4.0, decode_s=2.0 if quick else 4.0,
         swaps=1 if quick else 3, swap_gap_s=6.0 if quick else 10.0, swap_concurrency=16,
         variants=variants[:1] if quick and cuda else () if quick else variants,
-        overload_warmup_s=1.0 if quick else 2.0, overload_s=4.0 if quick else 20.0,
+        overload_warmup_s=1.0 if quick else 2.0, overload_s=4.0 if quick else 20.0, overload_capacity_s=3.0 if quick else 10.0,
         max_requests=100_000 if quick else 300_000, decode_on=args.decode_on,
     )
 
@@ -506,7 +507,8 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
         say(f"overload: open loop at {', '.join(f'{f:g}x' for f in plan.overload_factors)} of {best['rps']:.1f} req/s "
             f"(c={best['concurrency']}), {plan.overload_s:g} s each" + ("" if shedding else "; this server has no --max-queue"))
         overload = {"saturation_rps": best["rps"], "saturation_concurrency": best["concurrency"], "shedding": shedding,
-                    "systems": [overload_points("headswap (defaults)", server_flags(plan), server, spec, best["rps"], plan, work)]}
+                    "systems": [overload_points("headswap (defaults)", server_flags(plan), server, spec, best["rps"], plan, work,
+                                                best["concurrency"])]}
     return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout}, "stack": stack,
             "swap": swap, "overload": overload}
 
@@ -528,10 +530,17 @@ def unbounded_stage(plan: Plan, base: Path, jpeg: LoadSpec, overload: dict[str, 
 
 
 def overload_points(name: str, flags: list[str], server: Running, spec: LoadSpec, saturation: float, plan: Plan,
-                    work: Path) -> dict[str, Any]:
-    """The plan's open-loop points (multiples of ``saturation`` req/s) against ``server``."""
+                    work: Path, concurrency: int = 0) -> dict[str, Any]:
+    """The plan's open-loop points (multiples of ``saturation`` req/s) against ``server``; with a
+    ``concurrency``, each point between closed-loop windows at it (the server's capacity then)."""
+    probe = replace(spec, warmup_s=plan.warmup_s, measure_s=plan.overload_capacity_s)
+
+    def capacity() -> float:
+        return sweep(server, probe, (concurrency,), work, "capacity")[0]["rps"]
+
     points = open_loop_points(server.port, server.sid, spec, saturation, plan.overload_factors, plan.overload_warmup_s,
-                              plan.overload_s, plan.overload_drain_s, name.split(", ")[-1], work, say)
+                              plan.overload_s, plan.overload_drain_s, name.split(", ")[-1], work, say,
+                              capacity if concurrency else None)
     return {"name": name, "flags": flags, "points": points}
 
 
