@@ -41,11 +41,15 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(_ratio("p50 at concurrency 1 ≤ 1.0 × the fastest peer's (plain LitServe) p50 at concurrency 1",
                       c1["p50_ms"] if c1 else float("nan"), ref1["p50_ms"] if ref1 else None, 1.0, True,
                       f"{c1['p50_ms']:.1f} vs {ref1['p50_ms']:.1f} ms" if c1 and ref1 else "not run", at_most=True))
-    budget = r["bare"]["batch1_ms"] + r["decode"]["one_thread"]["ms_per_image"] + 5
+    around = r["headswap"].get("bare_batch1_around_ms") or []
+    forward = sum(around) / len(around) if around else r["bare"]["batch1_ms"]
+    budget = forward + r["decode"]["one_thread"]["ms_per_image"] + 5
+    where = (f"; the forward measured just before and after the c=1 window: {around[0]:.1f}, {around[1]:.1f} ms "
+             f"(the ceilings table's, minutes apart: {r['bare']['batch1_ms']:.1f} ms)" if around else "")
     out.append({"name": f"p50 at concurrency 1 ≤ bare batch-1 forward ({r['bare']['threads']} threads) + decode + 5 ms",
                 "applies": not cuda,
-                "required": f"≤ {budget:.1f} ms ({r['bare']['batch1_ms']:.1f} + {r['decode']['one_thread']['ms_per_image']:.1f} + 5)",
-                "measured": f"{c1['p50_ms']:.1f} ms" if c1 else "not run", "ratio": c1["p50_ms"] / budget if c1 else None,
+                "required": f"≤ {budget:.1f} ms ({forward:.1f} + {r['decode']['one_thread']['ms_per_image']:.1f} + 5)",
+                "measured": f"{c1['p50_ms']:.1f} ms{where}" if c1 else "not run", "ratio": c1["p50_ms"] / budget if c1 else None,
                 "met": (c1["p50_ms"] <= budget) if c1 else None})
     nothing = r["stack"]["do_nothing"]["rps"]
     ceiling = min(bare, r["decode"]["capacity"]["images_per_s"], nothing)

@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -208,6 +208,22 @@ def bare_model(checkpoint: Path, plan: Plan, threads: int) -> dict[str, Any]:
     at_mbs = next((r for r in served if r["batch"] == plan.max_batch_size), None)
     return {"threads": threads, "runs": runs, "best": best, "batch1_ms": one["ms_per_batch"],
             "at_server_batch": at_mbs}
+
+
+def lone_forward(checkpoint: Path, plan: Plan, threads: int) -> Callable[[], float]:
+    """A probe of the bare batch-1 forward (``threads`` threads, channels_last): each call measures it
+    for ``plan.bare_s`` and returns its mean in ms. Used around the concurrency-1 window, so that
+    its bound and the window share a minute of this machine's drifting speed."""
+    model, meta = load_classifier(checkpoint)
+    net = model.to(torch.device(plan.device), memory_format=torch.channels_last)
+    x = torch.randn(1, 3, meta.input_size, meta.input_size, device=plan.device).contiguous(memory_format=torch.channels_last)
+
+    def probe() -> float:
+        torch.set_num_threads(threads)
+        times = _time_forward(net, x, plan)
+        return 1000 * sum(times) / len(times)
+
+    return probe
 
 
 def _time_forward(net: torch.nn.Module, x: torch.Tensor, plan: Plan) -> list[float]:
@@ -493,7 +509,13 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
         layout = served_layout(server.log)
         say(f"  cold start {server.cold_start_s:.1f} s; {layout['workers']} worker(s): {'; '.join(layout['each'])}")
         spec = replace(jpeg, port=port)
-        points = sweep(server, spec, plan.concurrencies, work, "headswap")
+        lone = lone_forward(base, plan, os.cpu_count() or 1) if plan.concurrencies[0] == 1 and plan.device == "cpu" else None
+        around = [lone()] if lone else []
+        points = sweep(server, spec, plan.concurrencies[:1], work, "headswap")
+        if lone:
+            around.append(lone())
+            say(f"  bare batch-1 forward just before and after c=1: {around[0]:.1f}, {around[1]:.1f} ms")
+        points += sweep(server, spec, plan.concurrencies[1:], work, "headswap")
         seconds = 3.0 if plan.mode == "quick" else 8.0
         health = LoadSpec(port=port, path="/health", bodies=[], content_type="", method="GET", concurrency=plan.concurrencies[-1],
                           warmup_s=1.0, measure_s=seconds, max_requests=plan.max_requests)
@@ -509,7 +531,8 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
         overload = {"saturation_rps": best["rps"], "saturation_concurrency": best["concurrency"], "shedding": shedding,
                     "systems": [overload_points("headswap (defaults)", server_flags(plan), server, spec, best["rps"], plan, work,
                                                 best["concurrency"])]}
-    return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout}, "stack": stack,
+    return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout,
+                         "bare_batch1_around_ms": around}, "stack": stack,
             "swap": swap, "overload": overload}
 
 
