@@ -184,9 +184,9 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
     server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
                           timeout=False, restart_workers=True)
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
-    # Read by each spawned worker: OpenMP threads spin briefly between the layers of a forward
-    # pass (sleeping there costs ~20% at batch 1) and sleep soon after it, leaving the cores to decode.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    # OpenMP's own wait policy is kept on purpose (no GOMP_SPINCOUNT / OMP_WAIT_POLICY): a shorter
+    # spin makes a lone 2-thread batch up to 3x slower on VMs where waking a sleeping thread is slow,
+    # and a worker under load runs one thread, which never spins.
     return server
 
 
