@@ -24,6 +24,7 @@ import platform
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,8 @@ class Plan:
     overload_s: float = 20.0
     overload_drain_s: float = 35.0  # the server's --timeout-s (30 s) and a margin: every admitted request is answered by then
     overload_capacity_s: float = 10.0  # each closed-loop window around an overload point (the server's capacity then)
+    lone_rounds: int = 4  # concurrency 1: alternating windows of headswap and plain LitServe ...
+    lone_s: float = 6.0  # ... this long each
     images: int = 32
     max_requests: int = 50_000
     decode_on: str = "api"
@@ -111,6 +114,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         swaps=1 if quick else 3, swap_gap_s=6.0 if quick else 10.0, swap_concurrency=16,
         variants=variants[:1] if quick and cuda else () if quick else variants,
         overload_warmup_s=1.0 if quick else 2.0, overload_s=4.0 if quick else 20.0, overload_capacity_s=3.0 if quick else 10.0,
+        lone_rounds=1 if quick else 4, lone_s=3.0 if quick else 6.0,
         max_requests=100_000 if quick else 300_000, decode_on=args.decode_on,
     )
 
@@ -488,12 +492,15 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
 
     jpeg = LoadSpec(port=0, path="/predict", bodies=[str(p) for p in images], content_type="image/jpeg", concurrency=1,
                     warmup_s=plan.warmup_s, measure_s=plan.measure_s, max_requests=plan.max_requests, metrics_path="/metrics")
+    reference = replace(jpeg, bodies=[str(p) for p in make_json_bodies(images, work / "json")], content_type="application/json",
+                        metrics_path="")
     results.update(headswap_stage(plan, base, jpeg, swap_names, work))
+    if plan.device == "cpu":
+        results["lone"] = lone_client_stage(plan, base, jpeg, reference, work)
     results["overload"]["systems"].append(unbounded_stage(plan, base, jpeg, results["overload"], work))
     results["grpc"] = grpc_stage(plan, base, jpeg, work)
     results["variants"] = [variant_stage(plan, name, change, levels, base, jpeg, work) for name, change, levels in plan.variants]
-    results["reference"] = reference_stage(plan, base, replace(jpeg, bodies=[str(p) for p in make_json_bodies(images, work / "json")],
-                                                               content_type="application/json", metrics_path=""), work)
+    results["reference"] = reference_stage(plan, base, reference, work)
     results["machine"]["load_after"] = os.getloadavg()
     results["elapsed_s"] = time.monotonic() - started
     return results
@@ -509,13 +516,7 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
         layout = served_layout(server.log)
         say(f"  cold start {server.cold_start_s:.1f} s; {layout['workers']} worker(s): {'; '.join(layout['each'])}")
         spec = replace(jpeg, port=port)
-        lone = lone_forward(base, plan, os.cpu_count() or 1) if plan.concurrencies[0] == 1 and plan.device == "cpu" else None
-        around = [lone()] if lone else []
-        points = sweep(server, spec, plan.concurrencies[:1], work, "headswap")
-        if lone:
-            around.append(lone())
-            say(f"  bare batch-1 forward just before and after c=1: {around[0]:.1f}, {around[1]:.1f} ms")
-        points += sweep(server, spec, plan.concurrencies[1:], work, "headswap")
+        points = sweep(server, spec, plan.concurrencies, work, "headswap")
         seconds = 3.0 if plan.mode == "quick" else 8.0
         health = LoadSpec(port=port, path="/health", bodies=[], content_type="", method="GET", concurrency=plan.concurrencies[-1],
                           warmup_s=1.0, measure_s=seconds, max_requests=plan.max_requests)
@@ -531,9 +532,66 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
         overload = {"saturation_rps": best["rps"], "saturation_concurrency": best["concurrency"], "shedding": shedding,
                     "systems": [overload_points("headswap (defaults)", server_flags(plan), server, spec, best["rps"], plan, work,
                                                 best["concurrency"])]}
-    return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout,
-                         "bare_batch1_around_ms": around}, "stack": stack,
+    return {"headswap": {"cold_start_s": server.cold_start_s, "points": points, "layout": layout}, "stack": stack,
             "swap": swap, "overload": overload}
+
+
+def lone_client_stage(plan: Plan, base: Path, jpeg: LoadSpec, reference: LoadSpec, work: Path) -> dict[str, Any]:
+    """Concurrency 1: headswap (defaults) and the plain LitServe reference, both started, in alternating
+    windows (the other server stopped with SIGSTOP, so its idle threads cost nothing), the bare batch-1
+    forward measured before each window with both stopped. The three share every minute of this
+    machine's drifting speed, which the sweep's c=1 point and the reference stage, minutes apart, do not."""
+    say(f"lone client: headswap (defaults) and plain LitServe at c=1, {plan.lone_rounds} alternating rounds, "
+        "the bare batch-1 forward before each window")
+    probe = lone_forward(base, plan, os.cpu_count() or 1)
+    hs_port, ref_port = free_port(), free_port()
+    ref_cmd = [sys.executable, "-m", "bench.reference_server", "--checkpoint", str(base), "--port", str(ref_port)]
+    windows: list[dict[str, Any]] = []
+    with running(headswap_cmd(base, hs_port, plan), "/ready", hs_port, work / "lone-headswap.log", signal.SIGTERM,
+                 env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as hs, \
+         running(ref_cmd, "/health", ref_port, work / "lone-reference.log", signal.SIGTERM, env={"PYTHONPATH": str(ROOT)}) as ref:
+        servers = {"headswap": (hs, replace(jpeg, port=hs_port)), "reference": (ref, replace(reference, port=ref_port))}
+        stopped = _Stopped([hs.sid, ref.sid])
+        with stopped:
+            for _ in range(plan.lone_rounds):
+                for name, (server, spec) in servers.items():
+                    bare_ms = probe()
+                    say(f"  bare batch-1 forward {bare_ms:.1f} ms, then")
+                    with stopped.resumed(server.sid):
+                        point = sweep(server, replace(spec, warmup_s=1.5, measure_s=plan.lone_s), (1,), work, name)[0]
+                    windows.append({"system": name, "bare_ms": bare_ms, "point": point})
+    summary = {name: statistics.mean(w["point"]["p50_ms"] for w in windows if w["system"] == name) for name in servers}
+    bare = statistics.mean(w["bare_ms"] for w in windows)
+    say(f"  mean of the windows' p50: headswap {summary['headswap']:.1f} ms, plain LitServe {summary['reference']:.1f} ms; "
+        f"bare batch-1 forward {bare:.1f} ms")
+    return {"windows": windows, "p50_ms": summary, "bare_ms": bare, "seconds": plan.lone_s}
+
+
+class _Stopped:
+    """Every server of ``sids`` stopped (SIGSTOP to its session) inside the block, but one at a time
+    while it is measured (``resumed``); every one continues at the end, whatever happened."""
+
+    def __init__(self, sids: list[int]) -> None:
+        self.sids = sids
+
+    def __enter__(self) -> _Stopped:
+        for sid in self.sids:
+            os.killpg(sid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sid in self.sids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def resumed(self, sid: int) -> Iterator[None]:
+        os.killpg(sid, signal.SIGCONT)
+        time.sleep(0.5)  # its timers and pollers catch up before the warm-up
+        try:
+            yield
+        finally:
+            os.killpg(sid, signal.SIGSTOP)
 
 
 def unbounded_stage(plan: Plan, base: Path, jpeg: LoadSpec, overload: dict[str, Any], work: Path) -> dict[str, Any]:
