@@ -153,52 +153,6 @@ class Backbone(nn.Module):
         return super().train(False)
 
 
-class _Tracer(torch.fx.Tracer):
-    """fx's tracer with the head's stand-in as a leaf: the traced forward still stops there."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, _StopAtHead) or super().is_leaf_module(module, qualified_name)
-
-
-FOLD_TOLERANCE = 1e-5  # the folded features' largest difference on the probe, against the largest feature
-
-
-def fold_batch_norms(backbone: Backbone, probe: Tensor) -> int:
-    """Fold every BatchNorm that follows a convolution (its only user) into that convolution's
-    weights and bias: the same function in fewer passes over the activations (resnet18 on a CPU,
-    batch 16: 15-25% less time). Inference only, which a Backbone is.
-
-    Folding rounds differently: where a BatchNorm's mean is large against its output, the folded
-    convolution's output and bias cancel, and an unlucky network drifts by 1e-3 of a logit. So the
-    folded backbone is kept only if its features for ``probe`` (a batch on the backbone's device)
-    stay within FOLD_TOLERANCE of the largest feature; a forward that torch.fx cannot trace stays
-    as it was too. Returns how many BatchNorms were folded (0: none, kept as it was).
-    """
-    from torch.fx.experimental.optimization import fuse  # noqa: PLC0415 - fx is only needed here
-
-    try:
-        traced = torch.fx.GraphModule(backbone.model, _Tracer().trace(backbone.model))
-        folded = fuse(traced, inplace=True, no_trace=True)  # new convolutions; the model's own modules stay as they were
-    except Exception:  # noqa: BLE001 - fx cannot trace every forward (data-dependent control flow): keep it unfolded
-        return 0
-    count = _batch_norms(backbone.model) - _batch_norms(folded)
-    if not count:
-        return 0
-    original = backbone.model
-    with torch.inference_mode():
-        want = backbone(probe)
-        backbone.model = folded
-        drift = (backbone(probe) - want).abs().max() / want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-    if not drift <= FOLD_TOLERANCE:
-        backbone.model = original
-        return 0
-    return count
-
-
-def _batch_norms(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def split_classifier(model: nn.Module, arch: str) -> tuple[Backbone, Head]:
     """Cut ``model`` (an ``arch`` classifier from ``models.build``) into its backbone and main head.
 

@@ -12,12 +12,10 @@ from models import ARCHS, CheckpointMeta, IncompatibleCheckpointError, build_cla
 from models.recipe import auto_image_size
 from models.shared import (
     AFTER_HEAD_OPS,
-    FOLD_TOLERANCE,
     Backbone,
     Head,
     backbone_state,
     backbone_version,
-    fold_batch_norms,
     head_from_state,
     head_state,
     heads_forward,
@@ -106,55 +104,6 @@ def test_mixed_batch_gives_each_model_its_own_logits(arch: str) -> None:
     assert {t.data_ptr() for t in backbone.state_dict().values()} == {t.data_ptr() for t in kept.values()}
     assert tensor_bytes(head_a) == nbytes(main_head)
     assert tensor_bytes(head_b) == nbytes({k: v for k, v in state_b.items() if k.startswith(f"{spec.head}.")})
-    # Folded as the serving engine folds it (or left as it was, where folding would drift or fx cannot trace
-    # the forward): the same features, within 10x the tolerance its own probe was held to.
-    with torch.inference_mode():
-        features = backbone(x)
-    fold_batch_norms(backbone, torch.randn(2, 3, size, size))
-    with torch.inference_mode():
-        drift = (backbone(x) - features).abs().max() / features.abs().max()
-    assert drift <= 10 * FOLD_TOLERANCE
-
-
-def _batch_norms(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def test_fold_batch_norms_folds_every_one_after_a_convolution_and_keeps_the_function() -> None:
-    model, _, _ = two_models("resnet18")
-    backbone, _ = split_classifier(model, "resnet18")
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        before = backbone(x)
-    assert _batch_norms(backbone) == 20
-    assert fold_batch_norms(backbone, torch.randn(2, 3, 64, 64)) == 20 and _batch_norms(backbone) == 0
-    with torch.inference_mode():
-        torch.testing.assert_close(backbone(x), before, atol=1e-4 * before.abs().max().item(), rtol=0)
-    assert fold_batch_norms(backbone, x) == 0  # nothing left to fold
-
-
-def test_fold_batch_norms_keeps_a_backbone_whose_features_would_drift() -> None:
-    """A BatchNorm whose mean dwarfs its output: the folded convolution's output and bias cancel."""
-    model, _, _ = two_models("resnet18")
-    backbone, _ = split_classifier(model, "resnet18")
-    bn = backbone.model.bn1
-    bn.running_mean += 1e4 * bn.running_var.sqrt()
-    bn.bias.data += 1e4 * bn.weight.data  # the same function: (x - mean) / std * w + b
-    inner = backbone.model
-    assert fold_batch_norms(backbone, torch.randn(2, 3, 64, 64)) == 0
-    assert backbone.model is inner and _batch_norms(backbone) == 20
-
-
-def test_fold_batch_norms_leaves_a_forward_fx_cannot_trace_as_it_was() -> None:
-    class Sign(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x if x.sum() > 0 else -x  # control flow on a tensor's value: fx cannot trace it
-
-    backbone, _ = split_classifier(build_classifier("resnet18", 3), "resnet18")
-    backbone.model.maxpool = Sign()
-    inner = backbone.model
-    assert fold_batch_norms(backbone, torch.randn(2, 3, 64, 64)) == 0
-    assert backbone.model is inner and _batch_norms(backbone) == 20
 
 
 def test_after_head_is_squeezenets_alone_and_every_op_is_known() -> None:
