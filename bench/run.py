@@ -216,8 +216,8 @@ def bare_model(checkpoint: Path, plan: Plan, threads: int) -> dict[str, Any]:
 
 def lone_forward(checkpoint: Path, plan: Plan, threads: int) -> Callable[[], float]:
     """A probe of the bare batch-1 forward (``threads`` threads, channels_last): each call measures it
-    for ``plan.bare_s`` and returns its mean in ms. Used around the concurrency-1 window, so that
-    its bound and the window share a minute of this machine's drifting speed."""
+    for ``plan.bare_s`` and returns its mean in ms. Used before each window of the lone-client stage,
+    so that its bound and the windows share each minute of this machine's drifting speed."""
     model, meta = load_classifier(checkpoint)
     net = model.to(torch.device(plan.device), memory_format=torch.channels_last)
     x = torch.randn(1, 3, meta.input_size, meta.input_size, device=plan.device).contiguous(memory_format=torch.channels_last)
