@@ -545,11 +545,9 @@ def lone_client_stage(plan: Plan, base: Path, jpeg: LoadSpec, reference: LoadSpe
         "the bare batch-1 forward before each window")
     probe = lone_forward(base, plan, os.cpu_count() or 1)
     hs_port, ref_port = free_port(), free_port()
-    ref_cmd = [sys.executable, "-m", "bench.reference_server", "--checkpoint", str(base), "--port", str(ref_port)]
     windows: list[dict[str, Any]] = []
-    with running(headswap_cmd(base, hs_port, plan), "/ready", hs_port, work / "lone-headswap.log", signal.SIGTERM,
-                 env={"HEADSWAP_ADMIN_TOKEN": TOKEN}) as hs, \
-         running(ref_cmd, "/health", ref_port, work / "lone-reference.log", signal.SIGTERM, env={"PYTHONPATH": str(ROOT)}) as ref:
+    with running(headswap_cmd(base, hs_port, plan), "/ready", hs_port, work / "lone-headswap.log", signal.SIGTERM) as hs, \
+         running_reference(base, ref_port, work / "lone-reference.log") as ref:
         servers = {"headswap": (hs, replace(jpeg, port=hs_port)), "reference": (ref, replace(reference, port=ref_port))}
         stopped = _Stopped([hs.sid, ref.sid])
         with stopped:
@@ -685,13 +683,18 @@ def variant_stage(plan: Plan, name: str, change: dict[str, int], levels: tuple[i
             "cold_start_s": server.cold_start_s, "points": points, "layout": layout}
 
 
-def reference_stage(plan: Plan, base: Path, spec: LoadSpec, work: Path) -> dict[str, Any]:
-    port = free_port()
-    say("plain LitServe reference (JSON base64 body, PIL decode in decode_request, LitServe defaults)")
+def running_reference(base: Path, port: int, log: Path) -> contextlib.AbstractContextManager[Running]:
+    """The plain LitServe reference server (``bench/reference_server.py``) serving ``base``, ready."""
     cmd = [sys.executable, "-m", "bench.reference_server", "--checkpoint", str(base), "--port", str(port)]
     # LitServe 0.2.19 has no SIGTERM handler: its main process dies at once and ``running`` ends
     # the rest of its session. Nothing is measured by then.
-    with running(cmd, "/health", port, work / "reference.log", signal.SIGTERM, env={"PYTHONPATH": str(ROOT)}) as server:
+    return running(cmd, "/health", port, log, signal.SIGTERM, env={"PYTHONPATH": str(ROOT)})
+
+
+def reference_stage(plan: Plan, base: Path, spec: LoadSpec, work: Path) -> dict[str, Any]:
+    port = free_port()
+    say("plain LitServe reference (JSON base64 body, PIL decode in decode_request, LitServe defaults)")
+    with running_reference(base, port, work / "reference.log") as server:
         say(f"  cold start {server.cold_start_s:.1f} s")
         points = sweep(server, replace(spec, port=port), plan.reference_concurrencies, work, "reference")
     return {"cold_start_s": server.cold_start_s, "points": points}
