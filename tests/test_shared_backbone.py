@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from models import ARCHS, CheckpointMeta, IncompatibleCheckpointError, build_cla
 from models.recipe import auto_image_size
 from models.shared import (
     AFTER_HEAD_OPS,
+    FOLD_TOLERANCE,
     Backbone,
     Head,
     backbone_state,
     backbone_version,
+    fold_batch_norms,
     head_from_state,
     head_state,
     heads_forward,
@@ -104,6 +107,128 @@ def test_mixed_batch_gives_each_model_its_own_logits(arch: str) -> None:
     assert {t.data_ptr() for t in backbone.state_dict().values()} == {t.data_ptr() for t in kept.values()}
     assert tensor_bytes(head_a) == nbytes(main_head)
     assert tensor_bytes(head_b) == nbytes({k: v for k, v in state_b.items() if k.startswith(f"{spec.head}.")})
+    # Folded as the serving engine folds it (or left as it was, where folding would drift): the same
+    # features, within 10x the tolerance its own probe was held to.
+    with torch.inference_mode():
+        features = backbone(x)
+    fold_batch_norms(backbone, torch.randn(1, 3, size, size))
+    with torch.inference_mode():
+        drift = (backbone(x) - features).abs().max() / features.abs().max()
+    assert drift <= 10 * FOLD_TOLERANCE
+
+
+def _batch_norms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def test_fold_batch_norms_folds_every_one_after_a_convolution_and_keeps_the_function() -> None:
+    model, _, _ = two_models("resnet18")
+    backbone, _ = split_classifier(model, "resnet18")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = backbone(x)
+    assert _batch_norms(backbone) == 20
+    assert fold_batch_norms(backbone, torch.randn(1, 3, 64, 64)) == 20 and _batch_norms(backbone) == 0
+    assert all(m.bias is not None for m in backbone.modules() if isinstance(m, nn.Conv2d))
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x), before, atol=1e-4 * before.abs().max().item(), rtol=0)
+    assert fold_batch_norms(backbone, x) == 0  # nothing left to fold
+
+
+def test_fold_batch_norms_puts_every_module_back_when_the_features_would_drift() -> None:
+    """A BatchNorm whose mean dwarfs its output: the folded convolution's output and bias cancel."""
+    model, _, _ = two_models("resnet18")
+    backbone, _ = split_classifier(model, "resnet18")
+    bn = backbone.model.bn1
+    bn.running_mean += 1e4 * bn.running_var.sqrt()
+    bn.bias.data += 1e4 * bn.weight.data  # the same function: (x - mean) / std * w + b
+    before = dict(backbone.model.named_modules())
+    assert fold_batch_norms(backbone, torch.randn(1, 3, 64, 64)) == 0
+    after = dict(backbone.model.named_modules())
+    assert after.keys() == before.keys() and all(after[name] is module for name, module in before.items())
+
+
+class _ConvUsedTwice(nn.Module):
+    """A convolution that runs twice, each time before the same BatchNorm: neither may be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 3, padding=1)
+        self.bn = nn.BatchNorm2d(64).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.bn(self.conv(x))))
+
+
+class _ConvOutputUsedTwice(nn.Module):
+    """A convolution's output read by its BatchNorm and by a skip connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 3, padding=1)
+        self.bn = nn.BatchNorm2d(64).eval()
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_batch_norms_skips_a_convolution_that_runs_twice() -> None:
+    model, _, _ = two_models("resnet18")
+    backbone, _ = split_classifier(model, "resnet18")
+    backbone.model.maxpool = _ConvUsedTwice()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = backbone(x)
+    assert fold_batch_norms(backbone, torch.randn(1, 3, 64, 64)) == 20
+    assert isinstance(backbone.model.maxpool.bn, nn.BatchNorm2d) and backbone.model.maxpool.conv.bias is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x), before, atol=1e-4 * before.abs().max().item(), rtol=0)
+
+
+def test_fold_batch_norms_leaves_everything_when_a_convolutions_output_has_another_user() -> None:
+    """Hooks see that the BatchNorm's input is the convolution's output, not that a skip connection
+    reads it too: the probe's features tell, and the backbone stays as it was."""
+    model, _, _ = two_models("resnet18")
+    backbone, _ = split_classifier(model, "resnet18")
+    backbone.model.maxpool = _ConvOutputUsedTwice()
+    assert fold_batch_norms(backbone, torch.randn(1, 3, 64, 64)) == 0
+    assert _batch_norms(backbone) == 21
+
+
+def test_fold_batch_norms_leaves_models_running_in_other_threads_alone() -> None:
+    """The engine folds a new backbone in the worker's follower thread while its main thread serves:
+    the fold touches nothing but the new backbone's own modules (torch.fx, patching
+    nn.Module.__call__ for the whole process while it traces, failed requests this way)."""
+    serving, _, _ = two_models("resnet18")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = serving(x)
+    stop, problems = threading.Event(), []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                with torch.inference_mode():
+                    got = serving(x)
+                if not torch.equal(got, want):
+                    problems.append("different logits")
+            except Exception as exc:  # noqa: BLE001 - any failure of the serving thread is the finding
+                problems.append(repr(exc))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        for _ in range(5):
+            backbone, _ = split_classifier(two_models("resnet18")[0], "resnet18")
+            assert fold_batch_norms(backbone, torch.randn(1, 3, 64, 64)) == 20
+    finally:
+        stop.set()
+        thread.join()
+    assert problems == []
 
 
 def test_after_head_is_squeezenets_alone_and_every_op_is_known() -> None:

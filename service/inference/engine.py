@@ -2,10 +2,11 @@
 
 An ``Engine`` holds the worker's served versions by (model, slot): each a ``Head`` on the device
 and a ``Backbone`` shared by every version whose non-head tensors are the same (its backbone
-version, ``models.shared``), in channels_last. ``run`` takes a batch whose items may name
-different models and slots: the images of every version that shares a backbone and its
-preprocessing go through one backbone pass, then each through its own version's head; an item
-that cannot run (say, pixels of the wrong size) fails alone.
+version, ``models.shared``), in channels_last, with its BatchNorms folded into the convolutions
+before them where that keeps its features (``models.shared.fold_batch_norms``). ``run`` takes a
+batch whose items may name different models and slots: the images of every version that shares a
+backbone and its preprocessing go through one backbone pass, then each through its own version's
+head; an item that cannot run (say, pixels of the wrong size) fails alone.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from models.shared import (
     Backbone,
     Head,
     backbone_version,
+    fold_batch_norms,
     head_from_state,
     heads_forward,
     split_from_state,
@@ -161,7 +163,11 @@ class Engine:
         backbone = self._backbones.get(key)
         if backbone is None:
             backbone, head = split_from_state(state, meta, where=checkpoint)
-            backbone = backbone.to(self.device, memory_format=torch.channels_last)
+            backbone = backbone.to(self.device)
+            probe = torch.randn(1, 3, meta.input_size, meta.input_size, generator=torch.Generator().manual_seed(0))
+            folded = fold_batch_norms(backbone, probe.to(self.device))
+            log.debug("%s: %d BatchNorms folded into their convolutions", checkpoint, folded)
+            backbone = backbone.to(memory_format=torch.channels_last)  # the folded convolutions' new weights too
             head = head.to(self.device)
             self._backbones[key] = backbone
         else:
