@@ -179,6 +179,7 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
         timeout_s=settings.timeout_s, log_level=settings.log_level, decode_on_worker=settings.decode_on == "worker",
         solo_threads=solo_threads, max_queue_wait_s=settings.max_queue_wait_ms / 1000,
         metrics_max_models=settings.metrics_max_models, memory_budget_bytes=settings.memory_budget_bytes,
+        nice=settings.worker_nice,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,

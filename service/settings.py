@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     max_queue_wait_ms: float = _opt(0.0, "an image that waited longer than this for a worker is not run but answered "
                                     "503 (0: no limit but the request's deadline, --timeout-s)")
     decode_threads: int = _opt(4, "image decode threads per API server process")
+    worker_nice: int = _opt(5, "niceness the inference workers add to their own (0-19): where they share cores with "
+                            "the API servers, the event loop and decode threads go first, so that refusals, probes and "
+                            "the next batch's images are not kept waiting behind a forward pass (0: equal shares)")
     decode_on: str = _opt("api", "where plain JPEGs are decoded and resized: api (the API servers' decode threads) or "
                           "worker (the inference worker, on its device: nvJPEG on a GPU; other images stay with the "
                           "API servers)", ("api", "worker"))
@@ -146,6 +149,8 @@ class Settings(BaseSettings):
             problems.append(f"max_queue must be auto or an integer >= 0 (0: unbounded), found {self.max_queue!r}")
         if self.max_queue_wait_ms < 0:
             problems.append(f"max_queue_wait_ms must be >= 0 (0: no limit), found {self.max_queue_wait_ms}")
+        if not 0 <= self.worker_nice <= 19:
+            problems.append(f"worker_nice must be within 0-19, found {self.worker_nice}")
         if self.memory_budget_mb < 0:
             problems.append(f"memory_budget_mb must be >= 0 (0: no bound), found {self.memory_budget_mb}")
         if self.metrics_max_models < 1:

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from tests.images import jpeg
-from tests.server import HEADSWAP, Server, free_port, run_server
+from tests.server import HEADSWAP, Server, free_port, run_server, session_pids
 from tests.test_hotswap import TOKEN, admin, metric_value
 
 IMAGE = jpeg(3)
@@ -108,6 +108,27 @@ def test_the_bound_holds_over_api_processes_and_late_items_never_run(resnet18_ck
         assert metric_value(srv, "headswap_batch_size_count") == batches_before  # no forward pass for them
         assert metric_value(srv, "headswap_queue_depth") == 0
         assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 16 - bound
+
+
+def _thread_nices(pid: int) -> set[int]:
+    """The niceness of every thread of process ``pid`` (Linux keeps one per thread)."""
+    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_workers_yield_the_cores_to_the_api_servers_by_worker_nice(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """Every thread of every inference worker runs --worker-nice above the server's niceness; the API
+    servers' threads (event loop, decode pool) keep the server's."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2", "--worker-nice", "7", env=ADMIN) as srv:
+        requests.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}, timeout=60).raise_for_status()
+        workers = [w["pid"] for w in admin(srv, "GET", "models").json()["workers"].values()]
+        assert len(workers) == 2
+        for pid in workers:
+            assert _thread_nices(pid) == {min(19, base + 7)}
+        others = set(session_pids(srv.proc.pid)) - set(workers)
+        assert srv.proc.pid in others
+        for pid in others:
+            assert _thread_nices(pid) == {base}
 
 
 def test_a_full_queue_refuses_predict_before_reading_it_and_keeps_the_connection(

@@ -181,6 +181,8 @@ def test_cli_fields_are_every_field_but_the_token() -> None:
     ({"model_name": "g", "model": ["g=b.pt"]}, "model name 'g' is given twice"),
     ({"memory_budget_mb": -1.0}, "memory_budget_mb must be >= 0 (0: no bound), found -1.0"),
     ({"metrics_max_models": 0}, "metrics_max_models must be >= 1, found 0"),
+    ({"worker_nice": 20}, "worker_nice must be within 0-19, found 20"),
+    ({"worker_nice": -1}, "worker_nice must be within 0-19, found -1"),
 ])
 def test_validation_message(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError) as info:

@@ -52,6 +52,7 @@ class WorkerConfig:
     max_queue_wait_s: float = 0.0  # 0: no limit but each item's deadline
     metrics_max_models: int = 100
     memory_budget_bytes: int = 0  # resident backbones and heads at most (0: no bound)
+    nice: int = 0  # niceness the worker adds to its own at setup (--worker-nice)
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -72,6 +73,8 @@ class ClassifierAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process orchestrates shutdown
         logging.basicConfig(level=self.config.log_level.upper(), format="%(message)s")  # a spawned process
         torch.set_num_threads(self.config.threads)
+        if self.config.nice:
+            lower_priority(self.config.nice)  # the API servers first where they share cores (--worker-nice)
         self.index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         if self.ledger is not None:
             self.ledger.set_busy(self.index, False)  # a restarted worker: its predecessor may have died mid-batch
@@ -180,6 +183,21 @@ class ClassifierAPI(ls.LitAPI):
             return failure(output)
         return {"probabilities": output.probabilities.tobytes(), "top": output.top,
                 "version": output.version, "slot": output.slot, "shadow": output.shadow}
+
+
+def lower_priority(by: int) -> None:
+    """Add ``by`` to the niceness of every thread of this process. Linux keeps one per thread (threads
+    started later inherit their starter's), so each thread already running is changed on its own."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        os.nice(by)
+        return
+    for task in tasks.iterdir():
+        tid = int(task.name)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        except ProcessLookupError:
+            pass  # that thread ended meanwhile
 
 
 def failure(exc: RequestError) -> dict[str, Any]:
