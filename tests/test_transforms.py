@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.io import decode_image
+from torchvision.transforms import v2
 
 from models import CheckpointMeta, eval_transform
+from models.transforms import normalize
 from tests.conftest import CLASSES7
 
 
@@ -51,3 +53,21 @@ def test_grayscale_tensor_is_expanded_and_bad_tensor_refused() -> None:
     assert transform(torch.zeros(1, 30, 30, dtype=torch.uint8)).shape == (3, 224, 224)
     with pytest.raises(ValueError, match=r"expected a uint8 \(1\|3, H, W\) tensor, found torch.float32"):
         transform(torch.zeros(3, 30, 30))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (4, 3, 16, 9), (2, 2, 3, 4, 4)])
+def test_normalize_equals_torchvisions_to_dtype_and_normalize_to_the_bit(shape: tuple[int, ...]) -> None:
+    meta = CheckpointMeta.for_arch("resnet18", CLASSES7)
+    torchvision_way = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(meta.mean), std=list(meta.std))])
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = normalize(meta)(images)
+    assert got.dtype == torch.float32 and got.shape == images.shape
+    assert torch.equal(got, torchvision_way(images))
+
+
+def test_normalize_refuses_what_is_not_uint8_images() -> None:
+    norm = normalize(CheckpointMeta.for_arch("resnet18", CLASSES7))
+    with pytest.raises(TypeError, match="uint8"):
+        norm(torch.zeros(3, 4, 4))
+    with pytest.raises(TypeError, match="uint8"):
+        norm(torch.zeros(4, 4, dtype=torch.uint8))
