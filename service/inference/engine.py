@@ -307,7 +307,8 @@ class Engine:
 
     def _stack(self, meta: CheckpointMeta, items: list[Item]) -> tuple[torch.Tensor, list[RequestError | None]]:
         """The items as one normalised batch on the device (uint8 images go there before they are
-        resized and normalised); an item that cannot join it gets its RequestError."""
+        resized and normalised); an item that cannot join it gets its RequestError. uint8 images are
+        normalised together, in one pass over the batch, once stacked."""
         size = meta.input_size
         tensors: list[torch.Tensor] = []
         errors: list[RequestError | None] = []
@@ -324,14 +325,17 @@ class Engine:
             if not item.normalized:
                 if item.image is None or image.shape[-2:] != (size, size):  # decoded here, or cropped for another model
                     image = resize_crop(meta)(image)
-                image = norm(image)
             elif tuple(image.shape) != (3, size, size):
                 errors.append(RequestError(
                     f"PIXELS must be [B,3,{size},{size}] for this model, found {list(image.shape)}", reason="shape"))
                 continue
             tensors.append(image)
             errors.append(None)
-        return (torch.stack(tensors) if tensors else torch.empty(0)), errors
+        if not tensors:
+            return torch.empty(0), errors
+        if all(t.dtype == torch.uint8 for t in tensors):
+            return norm(torch.stack(tensors)), errors
+        return torch.stack([norm(t) if t.dtype == torch.uint8 else t for t in tensors]), errors
 
     def warm_up_decoder(self) -> None:
         """Start the device's JPEG decoder (nvJPEG on CUDA) before the first request needs it."""
