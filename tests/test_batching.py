@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from models import CheckpointMeta
 from service.errors import (
     GatewayTimeout,
     InternalError,
@@ -31,6 +32,7 @@ from service.inference import dispatch
 from service.inference.admission import Admission, QueueLedger
 from service.inference.decode import DecodeLimits
 from service.inference.worker import InferenceLoop, failure
+from tests.images import jpeg
 
 
 class ScriptedQueue:
@@ -170,6 +172,44 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
 
     asyncio.run(scenario())
     assert [p["arriving"] for p in server.puts] == [2 + 3, 2, 0]
+
+
+def test_a_lone_small_image_in_an_idle_process_is_decoded_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request's only image, nothing else decoding or awaiting a worker in this process, and small:
+    decoded on the event loop's own thread, the same pixels as the pool gives. Anything else (another
+    image of the request, an item awaiting a worker, a large image, a header over the limits) goes
+    to the decode pool, or fails there as before."""
+    threads: list[int] = []
+    finish = dispatch._finish
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return finish(*args)
+
+    monkeypatch.setattr(dispatch, "_finish", recording)
+    server = CapturingServer()
+    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(10_000_000, 4_000_000), timeout_s=1, threads=1,
+                                     admission=Admission(QueueLedger(1), None, floor=1))
+    meta = CheckpointMeta.for_arch("resnet18", ["a", "b"])
+    small, large = jpeg(1), jpeg(2, size=(1200, 1000))
+    assert 1200 * 1000 > dispatch.INLINE_MAX_PIXELS >= 500 * 375
+
+    async def scenario() -> tuple[int, list[torch.Tensor]]:
+        loop_thread = threading.get_ident()
+        inline = await dispatcher.preprocess(small, meta, alone=True)
+        pooled = await dispatcher.preprocess(small, meta)
+        await dispatcher.preprocess(large, meta, alone=True)
+        server.response_buffer["busy"] = object()
+        await dispatcher.preprocess(small, meta, alone=True)
+        server.response_buffer.clear()
+        with pytest.raises(PayloadTooLarge):
+            await dispatcher.preprocess(jpeg(3, size=(2500, 2000)), meta, alone=True)
+        return loop_thread, [inline, pooled]
+
+    loop_thread, (inline, pooled) = asyncio.run(scenario())
+    assert threads[0] == loop_thread
+    assert all(t != loop_thread for t in threads[1:]) and len(threads) == 4
+    assert inline.dtype == torch.uint8 and inline.shape == (3, 224, 224) and torch.equal(inline, pooled)
 
 
 def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_travels_with_the_item() -> None:

@@ -160,7 +160,8 @@ class DataPlane:
                 routed(slot)
             view = self.views(model)[slot]
             if request.images is not None:
-                images: list[torch.Tensor | bytes] = await gather(self.dispatcher.preprocess(d, view.meta) for d in request.images)
+                images: list[torch.Tensor | bytes] = await gather(
+                    self.dispatcher.preprocess(d, view.meta, alone=len(request.images) == 1) for d in request.images)
                 normalized = False
             else:
                 assert request.pixels is not None
