@@ -35,3 +35,16 @@ def test_a_batch_of_uint8_images_pixels_and_a_misfit_answers_each_like_the_offli
         np.testing.assert_allclose(answer.probabilities, offline_probs(resnet18_ckpt, data), atol=1e-4)
     for alone, mixed in zip(uniform, [answers[0], answers[2], answers[4]]):
         np.testing.assert_allclose(alone.probabilities, mixed.probabilities, atol=1e-5)
+
+
+def test_workers_fold_batch_norms_and_the_load_check_does_not(resnet18_ckpt: Path) -> None:
+    """A worker's engine serves resnet18 with its 20 BatchNorms folded; the controller's load check
+    (check_servable's engine) builds it as stored, sparing every load the fold's probe passes."""
+    ckpt = load_checkpoint(resnet18_ckpt)
+
+    def batch_norms(engine: Engine) -> int:
+        loaded = engine.prepare(ckpt.state, ckpt.meta, ckpt.version, "ckpt")
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.backbone.modules())
+
+    assert batch_norms(Engine(torch.device("cpu"), "fp32")) == 0
+    assert batch_norms(Engine(torch.device("cpu"), "fp32", fold=False)) == 20

@@ -124,9 +124,11 @@ class Engine:
     """The served versions of one worker and the forward pass over mixed batches."""
 
     def __init__(self, device: torch.device, precision: str, *, budget_bytes: int = 0,
-                 reload: Callable[[str], tuple[dict[str, torch.Tensor], CheckpointMeta]] | None = None) -> None:
+                 reload: Callable[[str], tuple[dict[str, torch.Tensor], CheckpointMeta]] | None = None,
+                 fold: bool = True) -> None:
         self.device = device
         self.precision = precision
+        self.fold = fold  # fold each new backbone's BatchNorms into its convolutions
         self.budget_bytes = budget_bytes  # resident backbones and heads at most (0: no bound)
         self.reload = reload  # a served version's state and meta, to load it again once evicted
         self.last_used: dict[str, float] = {}  # version -> when a batch last needed it
@@ -164,9 +166,10 @@ class Engine:
         if backbone is None:
             backbone, head = split_from_state(state, meta, where=checkpoint)
             backbone = backbone.to(self.device)
-            probe = torch.randn(1, 3, meta.input_size, meta.input_size, generator=torch.Generator().manual_seed(0))
-            folded = fold_batch_norms(backbone, probe.to(self.device))
-            log.debug("%s: %d BatchNorms folded into their convolutions", checkpoint, folded)
+            if self.fold:
+                probe = torch.randn(1, 3, meta.input_size, meta.input_size, generator=torch.Generator().manual_seed(0))
+                folded = fold_batch_norms(backbone, probe.to(self.device))
+                log.debug("%s: %d BatchNorms folded into their convolutions", checkpoint, folded)
             backbone = backbone.to(memory_format=torch.channels_last)  # the folded convolutions' new weights too
             head = head.to(self.device)
             self._backbones[key] = backbone
@@ -360,8 +363,10 @@ class Engine:
 def check_servable(state: dict[str, torch.Tensor], meta: CheckpointMeta, version: str, backbone: str | None = None) -> None:
     """Build ``state`` as a worker would, on the CPU, and warm it up (``backbone``: its backbone version, when
     known). Raises IncompatibleCheckpointError if it does not fit its architecture, ValueError if the warm-up
-    gives non-finite or misshapen outputs."""
-    Engine(torch.device("cpu"), "fp32").prepare(state, meta, version, "candidate", backbone)
+    gives non-finite or misshapen outputs. The BatchNorm fold is left to the workers: it is kept only where the
+    features stay within 1e-5 of the unfolded ones, so it cannot change this verdict, and here it would only
+    add two probe passes to every load."""
+    Engine(torch.device("cpu"), "fp32", fold=False).prepare(state, meta, version, "candidate", backbone)
 
 
 def _answer(probs: np.ndarray, loaded: Loaded, top_k: int, slot: str) -> Answer:
