@@ -3,9 +3,10 @@
 Runs in each forked API-server process. Image decoding and resizing run in a thread pool
 (PIL and torch release the GIL), so they overlap with the workers' forward passes instead
 of running in series with them inside the worker; a lone small image that finds its process
-idle is decoded on the event loop itself, sparing a lone client the hand-off. With ``decode_on_worker`` (``--decode-on
-worker``), JPEGs the worker's device can decode travel as bytes once their header passed
-the limits here, and the worker decodes them in batches (nvJPEG on a GPU). Items reach the
+idle is decoded on the event loop itself, sparing a lone client the hand-off. With
+``decode_on_worker`` (``--decode-on worker``), JPEGs the worker's device can decode travel as
+bytes once their header passed the limits here, and the worker decodes them in batches
+(nvJPEG on a GPU). Items reach the
 workers through LitServe's request queue and come back through its response buffer; each
 one is awaited until its deadline (``timeout_s``, or sooner where the request asks), which
 also travels with the item: a worker refuses an item whose deadline passed before it took it.
@@ -20,6 +21,7 @@ fill only while that is above zero, so a lone request does not sit out the batch
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
@@ -95,14 +97,16 @@ class Dispatcher:
         the event loop, which has nothing else to do: the hand-off to a decode thread and back costs
         a lone client about 0.7 ms per request on 2 cores."""
         executor = self._executor()  # also sets this forked process's torch to one thread, inline too
+        work = functools.partial(_prepare, data, self.limits, meta, self.decode_on_worker)
         if alone and not self._decoding and not self.server.response_buffer:
             image = check_image(data, self.limits)
+            work = functools.partial(_finish, data, image, meta, self.decode_on_worker)  # its header is checked
             if image.width * image.height <= INLINE_MAX_PIXELS:
-                return _finish(data, image, meta, self.decode_on_worker)
+                return work()
         loop = asyncio.get_running_loop()
         self._decoding += 1
         try:
-            return await loop.run_in_executor(executor, _prepare, data, self.limits, meta, self.decode_on_worker)
+            return await loop.run_in_executor(executor, work)
         finally:
             self._decoding -= 1
 
