@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -46,6 +47,7 @@ from service.http.shedding import ShedEarly
 from service.http.sidecar import SidecarServer, check_bindable, local_address
 from service.http.v2_routes import V2Routes
 from service.inference.admission import Admission, QueueLedger
+from service.inference.answers import AnswerListener
 from service.inference.dataplane import DataPlane
 from service.inference.decode import DecodeLimits
 from service.inference.dispatch import Dispatcher
@@ -115,7 +117,10 @@ def _serve(settings: Settings, runtime: Path) -> int:
                             validate=check_servable, rollout=rollout, metrics=metrics, swap_timeout_s=settings.swap_timeout_s,
                             memory_budget_bytes=settings.memory_budget_bytes)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
-    server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers))
+    answers = AnswerListener(f"headswap-answers-{os.getpid()}-{secrets.token_hex(4)}")  # this server's own sockets
+    server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers),
+                         answers.name)
+    answers.attach(server)  # first: inside the gRPC listener's lifespan, so it is up before a call comes
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
     readiness = Readiness(server, expected, shared, grpc_started)
@@ -170,16 +175,16 @@ def _install_routes(app: FastAPI, settings: Settings, plane: DataPlane, metrics:
 
 
 def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers: int, solo_threads: int,
-                threads: int) -> ls.LitServer:
+                threads: int, answers: str) -> ls.LitServer:
     """LitServe with our worker loop: ``workers`` per device, each with ``threads`` intra-op threads
-    (``solo_threads`` for a batch that runs alone)."""
+    (``solo_threads`` for a batch that runs alone), answering through the ``answers`` sockets."""
     config = WorkerConfig(
         state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision, threads=threads,
         max_batch_size=settings.max_batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000,
         timeout_s=settings.timeout_s, log_level=settings.log_level, decode_on_worker=settings.decode_on == "worker",
         solo_threads=solo_threads, max_queue_wait_s=settings.max_queue_wait_ms / 1000,
         metrics_max_models=settings.metrics_max_models, memory_budget_bytes=settings.memory_budget_bytes,
-        nice=settings.worker_nice,
+        nice=settings.worker_nice, answers=answers,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
     server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,

@@ -92,6 +92,30 @@ def test_concurrent_requests_are_batched(server: Server) -> None:
     assert max(sizes) > 1 and max(sizes) <= 8
 
 
+def _answer_sockets(pid: int) -> dict[str, list[str]]:
+    """The abstract Unix sockets of server ``pid``'s answer listeners (service.inference.answers), by
+    name: each one's state in /proc/net/unix (01: listening, 03: a connection accepted from a worker)."""
+    found: dict[str, list[str]] = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7].startswith(f"@headswap-answers-{pid}-"):
+            found.setdefault(fields[7], []).append(fields[5])
+    return found
+
+
+def test_answers_come_back_over_each_api_servers_own_socket(server: Server) -> None:
+    """Each API server (one per worker, two here) listens on its own answer socket, and the workers that
+    answered these requests hold connections to them: answers skip LitServe's manager queue."""
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: requests.post(f"{server.url}/predict", data=jpeg(i),
+                                                          headers={"Content-Type": "image/jpeg"}).status_code, range(24)))
+    assert statuses == [200] * 24
+    sockets = _answer_sockets(server.proc.pid)
+    assert sorted(name.rsplit("-", 1)[1] for name in sockets) == ["0", "1"]
+    assert all(states.count("01") == 1 for states in sockets.values()), sockets
+    assert sum(states.count("03") for states in sockets.values()) >= 1, sockets
+
+
 def test_one_bad_image_among_concurrent_good_ones_fails_alone(server: Server) -> None:
     good, bad = jpeg(11), jpeg(11)[: len(jpeg(11)) // 3]
     bodies = [bad if i == 7 else good for i in range(16)]

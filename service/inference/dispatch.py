@@ -7,7 +7,8 @@ idle is decoded on the event loop itself, sparing a lone client the hand-off. Wi
 ``decode_on_worker`` (``--decode-on worker``), JPEGs the worker's device can decode travel as
 bytes once their header passed the limits here, and the worker decodes them in batches
 (nvJPEG on a GPU). Items reach the
-workers through LitServe's request queue and come back through its response buffer; each
+workers through LitServe's request queue; their answers come back into its response buffer
+(over this process's answer socket, ``service.inference.answers``); each
 one is awaited until its deadline (``timeout_s``, or sooner where the request asks), which
 also travels with the item: a worker refuses an item whose deadline passed before it took it.
 A request's images are admitted before they are decoded (``service.inference.admission``): over the

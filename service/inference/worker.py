@@ -29,6 +29,7 @@ from models.device import resolve_device
 from service.control.slots import SharedState
 from service.errors import GatewayTimeout, InternalError, Overloaded, RequestError
 from service.inference.admission import QueueLedger
+from service.inference.answers import AnswerSender
 from service.inference.engine import Answer, Engine, Item, resolve_precision
 from service.inference.follower import SlotFollower
 from service.observability.metrics import Metrics, model_label
@@ -53,6 +54,7 @@ class WorkerConfig:
     metrics_max_models: int = 100
     memory_budget_bytes: int = 0  # resident backbones and heads at most (0: no bound)
     nice: int = 0  # niceness the worker adds to its own at setup (--worker-nice)
+    answers: str = ""  # the API servers' answer sockets (service.inference.answers); "": LitServe's queues only
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -227,6 +229,8 @@ def _refusal(arrived: float, payload: Any, now: float, config: WorkerConfig) -> 
 
 
 class InferenceLoop(BatchedLoop):
+    answers: AnswerSender | None = None  # set in the worker (run_batched_loop)
+
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
         """Block briefly for a first request, drain the queue, then wait up to batch_timeout while
         more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch)."""
@@ -262,6 +266,7 @@ class InferenceLoop(BatchedLoop):
 
     def run_batched_loop(self, lit_api: ClassifierAPI, request_queue: Any, transport: Any,  # type: ignore[override]
                          callback_runner: Any, lit_spec: Any = None) -> None:
+        self.answers = AnswerSender(lit_api.config.answers) if lit_api.config.answers else None
         while True:
             lit_api.between_batches()
             try:
@@ -304,4 +309,7 @@ class InferenceLoop(BatchedLoop):
                 else failure(InternalError("malformed internal request", reason="internal")) for item in items]
 
     def _send(self, transport: Any, response_queue_id: int, uid: str, response: dict[str, Any]) -> None:
+        """Straight to the API server's answer socket where it can, else through LitServe's queue."""
+        if self.answers is not None and self.answers.send(response_queue_id, uid, response):
+            return
         self.put_response(transport, response_queue_id, uid, response, LitAPIStatus.OK, LoopResponseType.REGULAR)
