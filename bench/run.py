@@ -214,23 +214,30 @@ def bare_model(checkpoint: Path, plan: Plan, threads: int) -> dict[str, Any]:
             "at_server_batch": at_mbs}
 
 
-def lone_forward(checkpoint: Path, plan: Plan, threads: int) -> Callable[[], float]:
+LONE_GAP_S = 0.015  # about what a lone client's request spends outside the forward (decode, HTTP, queues)
+
+
+def lone_forward(checkpoint: Path, plan: Plan, threads: int) -> Callable[[], tuple[float, float]]:
     """A probe of the bare batch-1 forward (``threads`` threads, channels_last): each call measures it
-    for ``plan.bare_s`` and returns its mean in ms. Used before each window of the lone-client stage,
-    so that its bound and the windows share each minute of this machine's drifting speed."""
+    for ``plan.bare_s`` back to back, then for as long again with the machine idle ``LONE_GAP_S``
+    before each forward, as a lone client's requests leave it, and returns both means in ms. Used
+    before each window of the lone-client stage, so that its bound and the windows share each minute
+    of this machine's drifting speed. The bound uses the back-to-back forward; the paced one shows
+    what idling between requests costs the forward on this machine (caches, a virtual CPU's wake-up)."""
     model, meta = load_classifier(checkpoint)
     net = model.to(torch.device(plan.device), memory_format=torch.channels_last)
     x = torch.randn(1, 3, meta.input_size, meta.input_size, device=plan.device).contiguous(memory_format=torch.channels_last)
 
-    def probe() -> float:
+    def probe() -> tuple[float, float]:
         torch.set_num_threads(threads)
-        times = _time_forward(net, x, plan)
-        return 1000 * sum(times) / len(times)
+        times, paced = _time_forward(net, x, plan), _time_forward(net, x, plan, gap_s=LONE_GAP_S)
+        return 1000 * sum(times) / len(times), 1000 * sum(paced) / len(paced)
 
     return probe
 
 
-def _time_forward(net: torch.nn.Module, x: torch.Tensor, plan: Plan) -> list[float]:
+def _time_forward(net: torch.nn.Module, x: torch.Tensor, plan: Plan, gap_s: float = 0.0) -> list[float]:
+    """Forward times in seconds, for ``plan.bare_s``; ``gap_s``: idle this long before each one."""
     cuda = x.device.type == "cuda"
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if plan.precision == "bf16" else contextlib.nullcontext()
     times: list[float] = []
@@ -241,6 +248,8 @@ def _time_forward(net: torch.nn.Module, x: torch.Tensor, plan: Plan) -> list[flo
             torch.cuda.synchronize()
         deadline = time.perf_counter() + plan.bare_s
         while len(times) < 2 or (time.perf_counter() < deadline and len(times) < 1000):
+            if gap_s:
+                time.sleep(gap_s)
             started = time.perf_counter()
             net(x).float().softmax(-1).cpu()
             times.append(time.perf_counter() - started)
@@ -553,16 +562,17 @@ def lone_client_stage(plan: Plan, base: Path, jpeg: LoadSpec, reference: LoadSpe
         with stopped:
             for _ in range(plan.lone_rounds):
                 for name, (server, spec) in servers.items():
-                    bare_ms = probe()
-                    say(f"  bare batch-1 forward {bare_ms:.1f} ms, then")
+                    bare_ms, paced_ms = probe()
+                    say(f"  bare batch-1 forward {bare_ms:.1f} ms ({paced_ms:.1f} ms paced), then")
                     with stopped.resumed(server.sid):
                         point = sweep(server, replace(spec, warmup_s=1.5, measure_s=plan.lone_s), (1,), work, name)[0]
-                    windows.append({"system": name, "bare_ms": bare_ms, "point": point})
+                    windows.append({"system": name, "bare_ms": bare_ms, "paced_ms": paced_ms, "point": point})
     summary = {name: statistics.mean(w["point"]["p50_ms"] for w in windows if w["system"] == name) for name in servers}
-    bare = statistics.mean(w["bare_ms"] for w in windows)
+    bare, paced = statistics.mean(w["bare_ms"] for w in windows), statistics.mean(w["paced_ms"] for w in windows)
     say(f"  mean of the windows' p50: headswap {summary['headswap']:.1f} ms, plain LitServe {summary['reference']:.1f} ms; "
-        f"bare batch-1 forward {bare:.1f} ms")
-    return {"windows": windows, "p50_ms": summary, "bare_ms": bare, "seconds": plan.lone_s}
+        f"bare batch-1 forward {bare:.1f} ms ({paced:.1f} ms paced)")
+    return {"windows": windows, "p50_ms": summary, "bare_ms": bare, "paced_ms": paced, "gap_ms": 1000 * LONE_GAP_S,
+            "seconds": plan.lone_s}
 
 
 class _Stopped:
