@@ -197,3 +197,19 @@ def test_to_buffer_wakes_the_waiting_request_and_ignores_one_that_ended() -> Non
     deliver("f" * 32, {"b": 2})  # its request ended: nothing to wake
     assert item.event.is_set() and item.response == ({"a": 1}, "OK")
     assert list(buffer) == [UID]
+
+
+def test_a_listener_that_cannot_bind_serves_on_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """The API server starts either way: its answers then come by LitServe's queue (the worker's
+    connect fails and it falls back), so a system without abstract sockets still serves."""
+    name = f"headswap-test-{os.getpid()}-{secrets.token_hex(4)}"
+    inside: list[bool] = []
+
+    async def main() -> None:
+        async with AnswerListener(name).serve(3, lambda uid, answer: None):
+            async with AnswerListener(name).serve(3, lambda uid, answer: None):  # the same address: taken
+                inside.append(True)
+
+    asyncio.run(main())
+    assert inside == [True]
+    assert "no answer socket for API server 3" in caplog.text

@@ -69,13 +69,20 @@ class AnswerListener:
 
     @asynccontextmanager
     async def serve(self, consumer: int, deliver: Callable[[str, Any], None]) -> AsyncIterator[None]:
-        """Listen as API server ``consumer`` while inside; ``deliver(uid, answer)`` on the event loop."""
+        """Listen as API server ``consumer`` while inside; ``deliver(uid, answer)`` on the event loop.
+        Where the socket cannot be made (no abstract Unix sockets on this system), answers come by
+        LitServe's queue alone: slower, never lost."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _Reader(deliver), address(self.name, consumer))
+        try:
+            server = await loop.create_unix_server(lambda: _Reader(deliver), address(self.name, consumer))
+        except OSError as exc:
+            log.warning("answers come through LitServe's queue: no answer socket for API server %d (%s)", consumer, exc)
+            server = None
         try:
             yield
         finally:
-            server.close()
+            if server is not None:
+                server.close()
 
 
 def to_buffer(buffer: MutableMapping[str, Any], status: Any) -> Callable[[str, Any], None]:
