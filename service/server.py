@@ -7,6 +7,7 @@ end, and the process exits 0. LitServe 0.2.19 has no SIGTERM handler of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -17,6 +18,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -120,7 +123,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     answers = AnswerListener(f"headswap-answers-{os.getpid()}-{secrets.token_hex(4)}")  # this server's own sockets
     server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers),
                          answers.name)
-    answers.attach(server)  # first: inside the gRPC listener's lifespan, so it is up before a call comes
+    _within_lifespan(server.app, functools.partial(answers.serve_app, server))  # first: up before a gRPC call comes
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
     readiness = Readiness(server, expected, shared, grpc_started)
@@ -135,7 +138,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
     repository = Repository(controller, shared, store)  # Triton's repository calls, over HTTP and gRPC alike
     if settings.grpc_port:
-        _grpc_listener(settings, plane, metrics, repository, readiness, grpc_started).attach(server.app)
+        listener = _grpc_listener(settings, plane, metrics, repository, readiness, grpc_started)
+        _within_lifespan(server.app, lambda app: listener.serve())
     server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model)  # outside routing: cheap 503s
     sidecars = _sidecars(settings, controller, shared, repository, metrics_route, server.app)
     _ShutdownSignals().install()
@@ -261,6 +265,19 @@ def _metrics_route(collector: StateCollector):
         return Response(exposition(collector), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
+
+
+def _within_lifespan(app: FastAPI, serve: Callable[[FastAPI], AbstractAsyncContextManager[Any]]) -> None:
+    """Run ``serve(app)`` for the whole life of each API server's ``app``, inside the lifespan it has
+    so far (LitServe's, with its answer-queue consumer, and whatever was wrapped before)."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        async with inner(app) as state, serve(app):
+            yield state
+
+    app.router.lifespan_context = lifespan
 
 
 def _grpc_listener(settings: Settings, plane: DataPlane, metrics: Metrics, repository: Repository, readiness: Readiness,

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
-from fastapi import FastAPI
 
 from service.grpc.health import HealthServicer
 from service.grpc.inference import InferenceServicer
@@ -39,19 +38,9 @@ class GrpcListener:
         self.drain_timeout_s = drain_timeout_s
         self.started = started  # a shared, locked integer (multiprocessing.Value): API servers whose gRPC server is up
 
-    def attach(self, app: FastAPI) -> None:
-        """Run a gRPC server for the lifetime of each API server's app (inside its existing lifespan)."""
-        inner = app.router.lifespan_context
-
-        @asynccontextmanager
-        async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-            async with inner(app) as state, self.serve():
-                yield state
-
-        app.router.lifespan_context = lifespan
-
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[None]:
+        """A gRPC server in this API server while inside (run within its app's lifespan)."""
         health = HealthServicer(self.is_ready)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.max_message),

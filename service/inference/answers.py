@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from litserve.utils import LitAPIStatus
@@ -54,18 +54,10 @@ class AnswerListener:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def attach(self, server: Any) -> None:
-        """Listen for the whole life of each of ``server``'s (a LitServer) API servers, beside LitServe's
-        own consumer of its answer queue (inside its lifespan), delivering into its response buffer."""
-        app = server.app
-        inner = app.router.lifespan_context
-
-        @asynccontextmanager
-        async def lifespan(app: Any) -> AsyncIterator[Any]:
-            async with inner(app) as state, self.serve(app.response_queue_id, to_buffer(server.response_buffer, LitAPIStatus.OK)):
-                yield state
-
-        app.router.lifespan_context = lifespan
+    def serve_app(self, server: Any, app: Any) -> AbstractAsyncContextManager[None]:
+        """``serve`` as ``app``, one API server of LitServer ``server``, into its response buffer, beside
+        LitServe's own consumer of its answer queue (run within the app's lifespan)."""
+        return self.serve(app.response_queue_id, to_buffer(server.response_buffer, LitAPIStatus.OK))
 
     @asynccontextmanager
     async def serve(self, consumer: int, deliver: Callable[[str, Any], None]) -> AsyncIterator[None]:
