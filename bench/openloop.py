@@ -15,7 +15,8 @@ request waits at most ``timeout_s``; after the last arrival, answers are awaited
 ``max_connections`` connections are open (past that an arrival waits for one, and its lag shows
 it). The target is always 127.0.0.1. Samples of the server (CPU, resident memory, metrics) are
 taken when the first request is due, when the measured window opens and closes, and once the
-answers are in; ``headswap_queue_depth`` is also read every ``watch_s`` seconds.
+answers are in and the server has idled ``IDLE_S``; ``headswap_queue_depth`` is also read every
+``watch_s`` seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 from bench.loadgen import HOST, LoadSpec, Records, _cpu_self, encode_request, percentile, read_response, sample, scrape
 
 LATE_MS = 10.0  # a request written this much after its scheduled time is late; p99 lag over it: the generator fell behind
+IDLE_S = 2.0  # idle this long before the first and after the last sample: a worker gives its free heap back after 1 s
 STALE = (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)  # a keep-alive connection the server closed
 
 
@@ -215,6 +217,7 @@ async def measure_open(spec: LoadSpec) -> dict[str, Any]:
     abandoned = await gen.drain(spec.drain_s)
     if watcher:
         watcher.cancel()
+    await asyncio.sleep(IDLE_S)
     edges["drained"] = await loop.run_in_executor(None, _safe_sample, spec)
     for edge in edges.values():  # JSON keys must be strings
         edge["server"] = {str(pid): info for pid, info in edge["server"].items()}
@@ -248,7 +251,7 @@ def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
     window per second, so a server that queues without bound gets no credit for answers it gives
     after the window. CPU and metrics cover the window; resident memory is per server process,
     before the first arrival (``before``), when the window opens (``open``) and closes
-    (``close``), and once every answer is in (``drained``)."""
+    (``close``), and ``IDLE_S`` after the last answer is in (``drained``)."""
     rec = result["records"]
     t0, t1 = result["window"]
     wall = t1 - t0

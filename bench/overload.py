@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadSpec, finish_load, scrape, start_load
-from bench.openloop import summarize_open
+from bench.openloop import IDLE_S, summarize_open
 
 
 def has_max_queue(headswap: str) -> bool:
@@ -58,6 +58,7 @@ def open_loop_points(port: int, sid: int, spec: LoadSpec, saturation: float, fac
     before = _capacity(port, drain_s, capacity, say) if capacity else None
     for i, factor in enumerate(factors):
         waited = settle(port, drain_s)
+        time.sleep(IDLE_S)  # the server idle, as it will be at the point's last sample
         run = replace(spec, port=port, sid=sid, concurrency=0, rate=factor * saturation, seed=i + 1, warmup_s=warmup_s,
                       measure_s=measure_s, drain_s=drain_s, watch_s=1.0, metrics_path="/metrics")
         point = {"factor": factor, "settle_s": round(waited, 2), **summarize_open(finish_load(start_load(run, work), run))}

@@ -31,7 +31,7 @@ from service.http.errors import status_of
 from service.inference import dispatch
 from service.inference.admission import Admission, QueueLedger
 from service.inference.decode import DecodeLimits
-from service.inference.worker import InferenceLoop, failure
+from service.inference.worker import HeapTrim, InferenceLoop, failure
 from tests.images import jpeg
 
 
@@ -133,6 +133,82 @@ def test_a_full_batch_does_not_wait() -> None:
     queue = ScriptedQueue([entry(str(i), 5) for i in range(4)], late=[entry("never", 0)])
     batch, _ = InferenceLoop().get_batch_requests(api(max_batch_size=4), queue, None)
     assert uids(batch) == ["0", "1", "2", "3"] and queue.waits == []
+
+
+class Timeline:
+    """A queue whose every get is the script's next step: an entry, or None (nothing came: Empty)."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+
+    def get(self, timeout: float) -> Any:
+        if not self.script:
+            raise _Done
+        step = self.script.pop(0)
+        if step is None:
+            raise Empty
+        return step
+
+    def get_nowait(self) -> Any:
+        raise Empty
+
+
+class _Done(Exception):
+    """The timeline ran out: ends run_batched_loop."""
+
+
+class LoopAPI(ScriptedAPI):
+    """Enough of ClassifierAPI for run_batched_loop, answering every item and recording its batches."""
+
+    def __init__(self, trims: list[int]) -> None:
+        super().__init__(max_batch_size=4)
+        self.config.answers = ""
+        self.trims = trims
+        self.batches: list[int] = []
+
+    def between_batches(self) -> None:
+        pass
+
+    def begin_batch(self) -> None:
+        pass
+
+    def end_batch(self) -> None:
+        pass
+
+    def observe(self, size: int) -> None:
+        self.batches.append(size)
+
+    def decode_request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+    def batch(self, items: list[Any]) -> list[Any]:
+        return items
+
+    def predict(self, items: list[Any]) -> list[Any]:
+        return items
+
+    def unbatch(self, items: list[Any]) -> list[Any]:
+        return items
+
+    def encode_response(self, item: Any) -> dict[str, Any]:
+        return {"trims_before": len(self.trims)}
+
+
+@pytest.mark.parametrize(("after_s", "expected"), [(0.0, 2), (3600.0, 0)])
+def test_an_idle_worker_gives_its_free_heap_back_once_per_idle_spell(after_s: float, expected: int) -> None:
+    """Trimmed on the first idle poll after a batch (once however long the idleness), never
+    while batches follow each other, never before a first batch; with a long spell, not at all."""
+    trims: list[int] = []
+    loop = InferenceLoop()
+    loop.heap = HeapTrim(after_s=after_s, trim=lambda: trims.append(1))
+    sent: list[Any] = []
+    transport = SimpleNamespace(send=lambda item, consumer_id: sent.append(item))
+    script = [None, entry("a", 0), entry("b", 0), None, None, None, entry("c", 0), None]
+    with pytest.raises(_Done):
+        loop.run_batched_loop(LoopAPI(trims), Timeline(script), transport, None)
+    assert len(sent) == 3 and len(trims) == expected
+    if expected:  # a and b ran back to back, untrimmed; c after the first trim
+        assert [answer["trims_before"] for _, (answer, *_) in sent] == [0, 0, 1]
 
 
 class CapturingServer:

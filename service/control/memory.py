@@ -1,4 +1,4 @@
-"""glibc heap settings for the long-lived server processes that validate checkpoints.
+"""glibc heap settings for the long-lived server processes (API servers, inference workers).
 
 Validating an admin load (reading the checkpoint, building the model, a warm-up forward pass)
 allocates and frees hundreds of MiB of large blocks at once. glibc's default raises its mmap
@@ -7,7 +7,8 @@ heap, where freed memory fragments and stays resident: an API server's RSS then 
 tens of MiB from one admin load to the next. Pinning the threshold at 1 MiB keeps every large
 block in its own mapping, given back to the system when it is freed. Inference workers keep
 glibc's default: their forward passes reuse heap blocks, and fresh mappings for every batch's
-activations would cost page faults.
+activations would cost page faults; they give the free blocks back once they idle
+(service.inference.worker.HeapTrim).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def pin_mmap_threshold() -> bool:
         return False
 
 
-def release_freed_memory() -> None:
-    """Return free heap pages to the system after a burst of frees (a checkpoint validation)."""
+def release_freed_memory() -> bool:
+    """Return free heap pages to the system after a burst of frees (a checkpoint validation, an
+    inference worker's batches before it idles); False where the C library is not glibc."""
     libc = _libc()
     try:
-        if libc:
-            libc.malloc_trim(0)
+        return bool(libc and libc.malloc_trim(0) is not None)
     except AttributeError:
-        pass
+        return False
