@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.control.audit import AuditLog
 from service.control.bootstrap import bootstrap, watch_rollout
 from service.control.controller import Controller
-from service.control.memory import pin_mmap_threshold
+from service.control.memory import freeze_survivors, pin_mmap_threshold
 from service.control.repository import Repository
 from service.control.rollout import RolloutFile
 from service.control.routing import CanaryGuard, GuardPolicy
@@ -147,6 +147,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop, rollout_stamp), daemon=True)] if rollout else []
     served = ", ".join(f"{name} (version {model.stable.version})" for name, model in state.models.items())
     threading.Thread(target=_after_start, args=(settings, served, readiness, sidecars, threads), daemon=True).start()
+    freeze_survivors()  # last before the API servers fork: they inherit it (service.control.memory)
     try:
         server.run(host=settings.host, port=settings.port, num_api_servers=expected, log_level=settings.log_level,
                    generate_client_file=False, access_log=settings.access_log == "on")

@@ -26,7 +26,7 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from models.device import resolve_device
-from service.control.memory import release_freed_memory
+from service.control.memory import freeze_survivors, release_freed_memory
 from service.control.slots import SharedState
 from service.errors import GatewayTimeout, InternalError, Overloaded, RequestError
 from service.inference.admission import QueueLedger
@@ -77,6 +77,7 @@ class ClassifierAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process orchestrates shutdown
         logging.basicConfig(level=self.config.log_level.upper(), format="%(message)s")  # a spawned process
         torch.set_num_threads(self.config.threads)
+        freeze_survivors()  # the imports, before the model: no 250 ms full collections between batches
         if self.config.nice:
             lower_priority(self.config.nice)  # the API servers first where they share cores (--worker-nice)
         self.index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
