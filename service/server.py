@@ -140,6 +140,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     if settings.grpc_port:
         listener = _grpc_listener(settings, plane, metrics, repository, readiness, grpc_started)
         _within_lifespan(server.app, lambda app: listener.serve())
+    _within_lifespan(server.app, _frozen)  # last: once each API server's listeners and app are built
     server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model)  # outside routing: cheap 503s
     sidecars = _sidecars(settings, controller, shared, repository, metrics_route, server.app)
     _ShutdownSignals().install()
@@ -279,6 +280,13 @@ def _within_lifespan(app: FastAPI, serve: Callable[[FastAPI], AbstractAsyncConte
             yield state
 
     app.router.lifespan_context = lifespan
+
+
+@asynccontextmanager
+async def _frozen(app: FastAPI) -> AsyncIterator[None]:
+    """What an API server built at start-up on top of what it inherited, spared later collections too."""
+    freeze_survivors()
+    yield
 
 
 def _grpc_listener(settings: Settings, plane: DataPlane, metrics: Metrics, repository: Repository, readiness: Readiness,
