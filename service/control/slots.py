@@ -155,6 +155,7 @@ class SharedState:
         self.blobs = root / "blobs"
         self.workers = root / "workers"
         self._cache: tuple[tuple[int, int, int], ServingState] | None = None
+        self._state_file = str(self.path)  # read() runs several times per request: no path built each time
 
     def create_dirs(self) -> None:
         for path in (self.root, self.blobs, self.workers):
@@ -169,7 +170,7 @@ class SharedState:
 
     def read(self) -> ServingState:
         """The current state; re-parsed only when the file changed."""
-        st = os.stat(self.path)
+        st = os.stat(self._state_file)
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, ServingState.from_dict(json.loads(self.path.read_text())))
