@@ -373,8 +373,9 @@ def overload_section(ov: dict[str, Any]) -> list[str]:
              "answered in the window per second. *Lag*: how late the generator wrote its requests (over 10 ms at p99: it fell "
              "behind, marked ⚠). Between points the server is left to settle (nothing in flight, nothing queued) and then idle "
              "for 2 s; *RSS growth* is the largest growth of one server process from that idle state before the point's first "
-             "arrival to the idle state 2 s after its last answer is in (an idle worker gives its free heap back after 1 s; sampled in the middle of the load, a worker's RSS swings by the working "
-             "memory of the forward pass it is running). *Capacity around*: for the defaults, each point runs between two "
+             "arrival to the idle state 2 s after its last answer is in (an idle worker gives its free heap back after 1 s; "
+             "sampled in the middle of the load, a worker's RSS swings by the working memory of the forward pass it is "
+             "running). *Capacity around*: for the defaults, each point runs between two "
              f"closed-loop windows at concurrency {ov['saturation_concurrency']} (the server settled before each), the "
              "server's requests/s just before and just after the point; its goodput is judged against their mean, since this "
              "machine's speed drifts by 10% and more between the sweep and the overload points.", "",

@@ -50,7 +50,10 @@ def release_freed_memory() -> bool:
     inference worker's batches before it idles); False where the C library is not glibc."""
     libc = _libc()
     try:
-        return bool(libc and libc.malloc_trim(0) is not None)
+        if libc is None:
+            return False
+        libc.malloc_trim(0)
+        return True
     except AttributeError:
         return False
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
@@ -241,7 +242,7 @@ class HeapTrim:
     spell of idleness: never under steady load, at most once per second of a trickle.
     """
 
-    def __init__(self, after_s: float = TRIM_IDLE_S, trim: Any = release_freed_memory) -> None:
+    def __init__(self, after_s: float = TRIM_IDLE_S, trim: Callable[[], object] = release_freed_memory) -> None:
         self.after_s = after_s
         self.trim = trim
         self.last_batch: float | None = None  # None: nothing ran since the last trim
