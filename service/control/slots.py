@@ -154,23 +154,19 @@ class SharedState:
         self.root = root
         self.blobs = root / "blobs"
         self.workers = root / "workers"
+        self.path = root / "state.json"  # built once: read() runs several times per request
         self._cache: tuple[tuple[int, int, int], ServingState] | None = None
-        self._state_file = str(self.path)  # read() runs several times per request: no path built each time
 
     def create_dirs(self) -> None:
         for path in (self.root, self.blobs, self.workers):
             path.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def path(self) -> Path:
-        return self.root / "state.json"
 
     def exists(self) -> bool:
         return self.path.is_file()
 
     def read(self) -> ServingState:
         """The current state; re-parsed only when the file changed."""
-        st = os.stat(self._state_file)
+        st = os.stat(self.path)
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, ServingState.from_dict(json.loads(self.path.read_text())))
