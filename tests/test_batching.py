@@ -158,13 +158,12 @@ class _Done(Exception):
 
 
 class LoopAPI(ScriptedAPI):
-    """Enough of ClassifierAPI for run_batched_loop, answering every item and recording its batches."""
+    """Enough of ClassifierAPI for run_batched_loop, answering every item with the trims so far."""
 
     def __init__(self, trims: list[int]) -> None:
         super().__init__(max_batch_size=4)
         self.config.answers = ""
         self.trims = trims
-        self.batches: list[int] = []
 
     def between_batches(self) -> None:
         pass
@@ -176,7 +175,7 @@ class LoopAPI(ScriptedAPI):
         pass
 
     def observe(self, size: int) -> None:
-        self.batches.append(size)
+        pass
 
     def decode_request(self, payload: dict[str, Any]) -> dict[str, Any]:
         return payload
