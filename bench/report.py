@@ -407,7 +407,9 @@ def overload_section(ov: dict[str, Any]) -> list[str]:
                          f"process's RSS was {growth:.1f} MiB ({role or '–'}); "
                          f"the server counted {', '.join(f'{n:.0f} {k}' for k, n in sorted(shed.items())) or 'no'} "
                          "rejections (`headswap_rejected_total`) in the windows.")
-    lines += ["", "Targets are judged on the defaults (shedding on); the unbounded server is shown for comparison. *RSS flat*: "
+    lines += ["", "Targets are judged on the defaults (shedding on); the unbounded server is shown for comparison. The defaults' "
+              "`--max-queue auto` bounds the images in the server, waiting or running (at least two full batches per worker), "
+              "so *queue depth*, the images waiting, peaks below it by the batches being run. *RSS flat*: "
               "the 1× and 2× points bring the server to its working set under overload (full batches, a full queue); idle "
               f"again after 4×, no process may hold more than {RSS_SLACK_MIB:g} MiB beyond what it held idle after 2× (the "
               "allocator's noise: the soak saw every process within 9.4 MiB over 20,000 requests). Memory kept per request or "

@@ -133,7 +133,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
     plane = DataPlane(dispatcher, shared, is_ready=readiness.ready, is_serving=readiness.serving,
                       metrics=metrics, guard=guard, controller=controller, metrics_max_models=settings.metrics_max_models)
-    collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth,
+    collector = StateCollector(shared.read, os.getpid(), queue_depth=ledger.depth, admitted=ledger.held,
                                worker_pids=lambda: [ack.pid for ack in shared.acks().values()])
     metrics_route = _install_routes(server.app, settings, plane, metrics, collector)
     repository = Repository(controller, shared, store)  # Triton's repository calls, over HTTP and gRPC alike

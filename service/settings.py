@@ -68,11 +68,12 @@ class Settings(BaseSettings):
     timeout_s: float = _opt(30.0, "longest a request may wait for its answer before a 504 (a request's "
                             "X-Request-Timeout-Ms header, or V2 parameters.timeout in microseconds, may shorten it)")
     max_queue: str = _opt("auto", "most images admitted and waiting for a worker, summed over the server; a request "
-                          "over it is answered 503 at once, with Retry-After. auto: what the workers answer in about "
-                          "1 s at the drain rate measured while serving (so a queued image is answered in about a "
-                          "second, far within --timeout-s), at least two full batches per worker so none waits for "
-                          "work, at most 1024 (e.g. ~65 for resnet18 on 2 CPU cores, which answer ~65 images/s); "
-                          "0: unbounded")
+                          "over it is answered 503 at once, with Retry-After. auto: bounds the images in the server "
+                          "instead (waiting or running), to what the workers answer in about 1 s at the drain rate "
+                          "measured while serving, so that an admitted image is answered in about a second, far "
+                          "within --timeout-s; at least two full batches per worker (one running, one waiting) so "
+                          "none waits for work, at most 1024 (e.g. 64 for resnet18 on 2 CPU cores: 2 workers x 2 "
+                          "batches of 16, answered in ~1.6 s at ~40 images/s); 0: unbounded")
     max_queue_wait_ms: float = _opt(0.0, "an image that waited longer than this for a worker is not run but answered "
                                     "503 (0: no limit but the request's deadline, --timeout-s)")
     decode_threads: int = _opt(4, "image decode threads per API server process")

@@ -60,6 +60,46 @@ def test_an_image_queued_after_its_request_closed_is_still_counted_until_taken()
     assert ledger.depth() == 0
 
 
+def test_auto_bounds_the_images_in_the_server_until_their_answers_are_in() -> None:
+    """auto counts an image from admission to its request's answer, running or not: a worker that
+    took a full queue off it does not make room until it has answered."""
+    ledger = QueueLedger(workers=1)
+    admission = Admission(ledger, bound=None, floor=4)  # no rate measured: the floor
+    running = admission.admit(3)
+    for _ in range(3):
+        running.handed()
+    ledger.take(3)  # a worker runs the three: nothing waits
+    assert ledger.depth() == 0 and ledger.held() == 3
+    assert admission.refusal(1) is None and admission.refusal(2) is not None
+    with pytest.raises(Overloaded) as refused:
+        admission.admit(2)  # 3 running + 2 > 4
+    assert str(refused.value).startswith("overloaded: 3 images are in the server (waiting or running), the bound is 4 "
+                                         "(--max-queue auto)")
+    waiting = admission.admit(1)
+    assert ledger.held() == 4 and ledger.depth() == 1
+    running.close()  # answered
+    assert ledger.held() == 1
+    admission.admit(2).close()
+    waiting.close()
+    running.close()  # closing twice gives nothing back twice
+    assert ledger.held() == 0 and ledger.depth() == 0
+
+
+def test_a_numeric_bound_counts_only_the_waiting_images() -> None:
+    ledger = QueueLedger(workers=1)
+    admission = Admission(ledger, bound=4, floor=1)
+    running = admission.admit(4)
+    for _ in range(4):
+        running.handed()
+    ledger.take(4)
+    waiting = admission.admit(4)  # the four running leave room for four more
+    assert ledger.held() == 8 and ledger.depth() == 4
+    assert admission.refusal(1) is not None
+    running.close()
+    waiting.close()
+    assert ledger.held() == 0
+
+
 def _admit_many(ledger: QueueLedger, tries: int, results: mp.Queue) -> None:
     admission = Admission(ledger, bound=50, floor=1)
     admitted = 0

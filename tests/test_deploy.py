@@ -78,6 +78,7 @@ METRICS = {
     "headswap_input_errors_total": {"reason"},
     "headswap_rejected_total": {"reason"},
     "headswap_queue_depth": set(),
+    "headswap_admitted_images": set(),
     "headswap_rollout_errors_total": set(),
     "headswap_shadow_percent": {"model"},
     "headswap_state_generation": set(),
@@ -635,7 +636,8 @@ def test_dashboard_covers_the_service_with_valid_queries() -> None:
     for metric in ("headswap_requests_total", "headswap_request_duration_seconds_bucket", "headswap_batch_size",
                    "headswap_queue_wait_seconds_bucket", "headswap_inflight_requests", "headswap_model_info",
                    "headswap_canary_weight", "headswap_shadow_agreements_total", "headswap_swaps_total",
-                   "headswap_rollbacks_total", "headswap_rejected_total", "headswap_queue_depth"):
+                   "headswap_rollbacks_total", "headswap_rejected_total", "headswap_queue_depth",
+                   "headswap_admitted_images"):
         assert metric in text, f"no panel shows {metric}"
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (endpoint, le) (rate(headswap_request_duration_seconds_bucket" in text

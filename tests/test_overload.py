@@ -80,6 +80,38 @@ def test_a_burst_over_a_tiny_bound_is_shed_at_once_and_every_admitted_request_an
         assert requests.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
+def test_the_default_bound_counts_images_until_answered_and_504s_leave_it(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """--max-queue auto with one worker of batch 1: a floor of 2 images in the server (nothing was
+    drained yet, so no rate). With the worker paused two are admitted, the rest refused at once;
+    once the two are answered 504 they leave the admitted count though they still wait for the
+    worker, which takes them later and refuses them."""
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "1", "--max-batch-size", "1", env=ADMIN) as srv:
+        with paused_workers(srv):
+            answers: list[requests.Response] = []
+            sender = threading.Thread(target=lambda: answers.extend(
+                burst(srv, 6, headers={"X-Request-Timeout-Ms": "4000"})))
+            sender.start()
+            admitted = 0.0
+            for _ in range(200):
+                admitted = metric_value(srv, "headswap_admitted_images")
+                if admitted == 2:
+                    break
+                threading.Event().wait(0.02)
+            sender.join(90)
+            after = metric_value(srv, "headswap_admitted_images"), metric_value(srv, "headswap_queue_depth")
+        assert admitted == 2
+        assert sorted(r.status_code for r in answers) == [503] * 4 + [504] * 2
+        refused = [r.json()["error"] for r in answers if r.status_code == 503]
+        assert all("in the server (waiting or running), the bound is 2 (--max-queue auto)" in e for e in refused), refused
+        assert after == (0, 2)  # answered, yet still queued
+        for _ in range(200):
+            if metric_value(srv, "headswap_queue_depth") == 0:
+                break
+            threading.Event().wait(0.05)
+        assert metric_value(srv, 'headswap_rejected_total{reason="deadline"}') == 2
+        assert requests.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
 def test_the_bound_holds_over_api_processes_and_late_items_never_run(resnet18_ckpt: Path, tmp_path: Path) -> None:
     """Two workers, so two API-server processes; with the workers paused nothing leaves the queue:
     exactly --max-queue images are admitted however the requests spread over the processes. The
@@ -94,6 +126,7 @@ def test_the_bound_holds_over_api_processes_and_late_items_never_run(resnet18_ck
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [503] * (16 - bound) + [504] * bound, statuses
         assert depth == bound
+        assert metric_value(srv, "headswap_admitted_images") == 0  # every request answered: none is held
         for r in responses:
             if r.status_code == 504:
                 assert "deadline" in r.json()["error"]
@@ -164,7 +197,7 @@ def test_a_full_queue_refuses_predict_before_reading_it_and_keeps_the_connection
         conn.close()
         for status, retry_after, body in answers:
             assert (status, int(retry_after) >= 1) == (503, True)
-            assert body["error"].startswith("overloaded: 1 images are waiting, the bound is 1 (--max-queue)")
+            assert body["error"].startswith("overloaded: 1 images are waiting, the bound is 1 (--max-queue 1)")
         assert (v2.status_code, v2.headers["Retry-After"]) == (503, "1") and v2.json()["error"].startswith("overloaded")
         assert health.status_code == 200
         assert metric_value(srv, 'headswap_requests_total{endpoint="predict",status="503"}') == 3

@@ -2,14 +2,19 @@
 
 ``QueueLedger`` is a few integers in shared memory, created by the main process before the API
 servers fork and handed to the spawned workers with their LitAPI: the images admitted and not
-yet taken by a worker (``depth``), the images workers have taken since start (``taken``, the
-drain rate's clock) and which workers are running a batch now (``busy``, for their thread
-counts). An API server admits a request's images (all of them or none) before decoding them; a
-worker takes them off the count when it takes them off the queue. The bound is therefore exact
-across API-server processes, and ``headswap_queue_depth`` is read from the same cells.
+yet taken by a worker (``depth``), the images admitted and not yet answered (``held``: waiting,
+decoding or running), the images workers have taken since start (``taken``, the drain rate's
+clock) and which workers are running a batch now (``busy``, for their thread counts). An API
+server admits a request's images (all of them or none) before decoding them; a worker takes
+them off ``depth`` when it takes them off the queue, the request gives them back to ``held``
+once it has its answers. The bound is therefore exact across API-server processes, and
+``headswap_queue_depth`` and ``headswap_admitted_images`` are read from the same cells.
 
 ``Admission`` is the API-server side: the bound (``--max-queue``), the drain rate measured from
-``taken``, and the 503 with ``Retry-After`` for a request over the bound.
+``taken``, and the 503 with ``Retry-After`` for a request over the bound. A number bounds the
+images waiting (``depth``); auto bounds the images in the server (``held``), which is what an
+admitted image's answer time follows (Little's law: held / drain rate): a bound on the waiting
+images alone lets a full queue add the batches already running to every admitted image's wait.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ from collections.abc import Callable
 
 from service.errors import Overloaded
 
-AUTO_QUEUE_S = 1.0  # auto bound: about this many seconds of work at the measured drain rate ...
+AUTO_QUEUE_S = 1.0  # auto bound: the images in the server answered in about this many seconds at the measured drain rate ...
 AUTO_QUEUE_MAX = 1024  # ... and at most this many images (each waits as a decoded tensor)
 RATE_SAMPLE_S = 0.5  # drain rate: one sample of ``taken`` per this interval ...
 RATE_SAMPLES = 10  # ... over the last this many samples (about 5 s)
 
-_DEPTH, _TAKEN = 0, 1
+_DEPTH, _TAKEN, _HELD = 0, 1, 2
 
 
 class QueueLedger:
@@ -40,22 +45,26 @@ class QueueLedger:
     def __init__(self, workers: int) -> None:
         ctx = mp.get_context("spawn")
         self._lock = ctx.Lock()
-        self._cells = ctx.RawArray("q", 2)
+        self._cells = ctx.RawArray("q", 3)
         self._busy = ctx.RawArray("b", max(1, workers))
 
-    def try_admit(self, n: int, bound: int) -> bool:
-        """Add ``n`` images unless that would pass ``bound`` (0: no bound). True when admitted."""
+    def try_admit(self, n: int, bound: int, *, held: bool = False) -> bool:
+        """Add ``n`` images unless that would take the waiting images (``held``: the images in the
+        server) past ``bound`` (0: no bound). True when admitted."""
         with self._lock:
-            if bound and self._cells[_DEPTH] + n > bound:
+            if bound and self._cells[_HELD if held else _DEPTH] + n > bound:
                 return False
             self._cells[_DEPTH] += n
+            self._cells[_HELD] += n
             return True
 
-    def release(self, n: int) -> None:
-        """Admitted images that will not be queued after all (a bad image, an error)."""
-        if n:
+    def release(self, n: int, answered: int = 0) -> None:
+        """``n`` admitted images will not be queued after all (a bad image, an error); ``answered``
+        images of a request that has its answers leave the server."""
+        if n or answered:
             with self._lock:
                 self._cells[_DEPTH] -= n
+                self._cells[_HELD] -= answered
 
     def take(self, n: int) -> None:
         """A worker took ``n`` queued images off the queue (to run them or to refuse them)."""
@@ -66,6 +75,9 @@ class QueueLedger:
 
     def depth(self) -> int:
         return max(0, self._cells[_DEPTH])
+
+    def held(self) -> int:
+        return max(0, self._cells[_HELD])
 
     def taken(self) -> int:
         return self._cells[_TAKEN]
@@ -88,6 +100,7 @@ class Ticket:
 
     def __init__(self, ledger: QueueLedger, n: int) -> None:
         self.ledger = ledger
+        self.size = n
         self.pending = n
         self.closed = False
 
@@ -99,9 +112,10 @@ class Ticket:
             self.pending -= 1
 
     def close(self) -> None:
-        self.ledger.release(self.pending)
-        self.pending = 0
-        self.closed = True
+        if not self.closed:
+            self.ledger.release(self.pending, answered=self.size)
+            self.pending = 0
+            self.closed = True
 
     def __enter__(self) -> Ticket:
         return self
@@ -127,9 +141,10 @@ class DrainRate:
 
 
 class Admission:
-    """The API-server side of shedding. ``bound`` is ``--max-queue``: an int (0: unbounded) or None
-    for auto: about ``AUTO_QUEUE_S`` of work at the measured drain rate, at least ``floor`` images
-    (two full batches per worker, so no worker waits for a batch to fill) and at most
+    """The API-server side of shedding. ``bound`` is ``--max-queue``: an int, the most images
+    waiting (0: unbounded), or None for auto: the most images in the server, about ``AUTO_QUEUE_S``
+    of work at the measured drain rate, at least ``floor`` (two full batches per worker: one
+    running, one waiting for it, so no worker waits for a batch to fill) and at most
     ``AUTO_QUEUE_MAX`` (or ``floor`` if larger)."""
 
     def __init__(self, ledger: QueueLedger, bound: int | None, floor: int, *,
@@ -147,7 +162,7 @@ class Admission:
     def admit(self, n: int) -> Ticket:
         """Admit ``n`` images (all or none). Raises Overloaded (503 with Retry-After) over the bound."""
         bound = self.bound()
-        if not self.ledger.try_admit(n, bound):
+        if not self.ledger.try_admit(n, bound, held=self.fixed is None):
             raise self._refusal(bound)
         return Ticket(self.ledger, n)
 
@@ -155,16 +170,23 @@ class Admission:
         """The Overloaded that ``admit(n)`` would raise now, admitting nothing (None: it would admit).
         For refusing before any work is spent on a request; ``admit`` still decides."""
         bound = self.bound()
-        return self._refusal(bound) if bound and self.ledger.depth() + n > bound else None
+        return self._refusal(bound) if bound and self.counted() + n > bound else None
+
+    def counted(self) -> int:
+        """What the bound holds: the images waiting (a number) or in the server (auto)."""
+        return self.ledger.depth() if self.fixed is not None else self.ledger.held()
 
     def _refusal(self, bound: int) -> Overloaded:
-        depth, retry_after = self.ledger.depth(), self.retry_after()
-        return Overloaded(f"overloaded: {depth} images are waiting, the bound is {bound} (--max-queue); "
+        counted, retry_after = self.counted(), self.retry_after()
+        what = "waiting" if self.fixed is not None else "in the server (waiting or running)"
+        return Overloaded(f"overloaded: {counted} images are {what}, the bound is {bound} "
+                          f"(--max-queue {self.fixed if self.fixed is not None else 'auto'}); "
                           f"retry after {retry_after} s", retry_after=retry_after)
 
     def retry_after(self) -> int:
-        """Whole seconds until the queue, as it is now, has drained at the measured rate (at least 1)."""
+        """Whole seconds until the images the bound holds, as they are now, are through at the
+        measured rate (at least 1)."""
         rate = self.rate()
         if rate <= 0:
             return 1
-        return max(1, math.ceil(self.ledger.depth() / rate))
+        return max(1, math.ceil(self.counted() / rate))

@@ -89,14 +89,15 @@ class StateCollector(Collector):
     """Scrape-time view of what is served: model_info, canary weight, shadow share, queue depth, memory.
 
     ``read_state`` returns the serving state (its ``models``, each with ``slots()``, ``weight``,
-    ``shadow``, ``canary``; its ``generation``); ``queue_depth`` the images waiting (None: no bound, no gauge); ``worker_pids``
-    the inference workers' process ids."""
+    ``shadow``, ``canary``; its ``generation``); ``queue_depth`` the images waiting and ``admitted`` the
+    images admitted and not yet answered (None: no gauge); ``worker_pids`` the inference workers' process ids."""
 
     def __init__(self, read_state: Callable[[], Any], main_pid: int, *, queue_depth: Callable[[], int] | None = None,
-                 worker_pids: Callable[[], Iterable[int]] = tuple) -> None:
+                 admitted: Callable[[], int] | None = None, worker_pids: Callable[[], Iterable[int]] = tuple) -> None:
         self.read_state = read_state
         self.main_pid = main_pid
         self.queue_depth = queue_depth
+        self.admitted = admitted
         self.worker_pids = worker_pids
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -117,6 +118,9 @@ class StateCollector(Collector):
         if self.queue_depth is not None:
             yield GaugeMetricFamily("headswap_queue_depth", "Images admitted and waiting for a worker, whole server",
                                     value=self.queue_depth())
+        if self.admitted is not None:
+            yield GaugeMetricFamily("headswap_admitted_images", "Images admitted and not yet answered (waiting, being "
+                                    "decoded or run), whole server: what --max-queue auto bounds", value=self.admitted())
         memory = GaugeMetricFamily("headswap_process_resident_memory_bytes", "Resident memory per process", labels=["role", "pid"])
         pids = {"main": [self.main_pid], "api": [os.getpid()], "worker": list(self.worker_pids())}
         for role, role_pids in pids.items():
