@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from service.errors import Overloaded
 
-AUTO_QUEUE_S = 1.0  # auto bound: the images in the server answered in about this many seconds at the measured drain rate ...
+AUTO_QUEUE_S = 1.0  # auto bound: the images in the server, about this many seconds of work at the measured drain rate ...
 AUTO_QUEUE_MAX = 1024  # ... and at most this many images (each waits as a decoded tensor)
 RATE_SAMPLE_S = 0.5  # drain rate: one sample of ``taken`` per this interval ...
 RATE_SAMPLES = 10  # ... over the last this many samples (about 5 s)
@@ -49,8 +49,8 @@ class QueueLedger:
         self._busy = ctx.RawArray("b", max(1, workers))
 
     def try_admit(self, n: int, bound: int, *, held: bool = False) -> bool:
-        """Add ``n`` images unless that would take the waiting images (``held``: the images in the
-        server) past ``bound`` (0: no bound). True when admitted."""
+        """Add ``n`` images unless that would take the images waiting (with ``held``: the images in
+        the server) past ``bound`` (0: no bound). True when admitted."""
         with self._lock:
             if bound and self._cells[_HELD if held else _DEPTH] + n > bound:
                 return False
