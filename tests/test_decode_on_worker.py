@@ -80,6 +80,19 @@ def test_batched_device_decode_matches_the_api_path_and_isolates_a_corrupt_jpeg(
         assert torch.equal(got, decode_image(data, DecodeLimits()))
 
 
+def test_a_decode_error_is_the_files_unless_its_first_line_names_cuda() -> None:
+    """torch builds that append the C++ stack trace to an error name CUDA classes in its frames
+    (torchvision 0.26's nvJPEG batch failure, seen on an H200): only the first line says what failed."""
+    frames = ("\nException raised from decode_images at torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp:494\n"
+              "frame #2: vision::image::CUDAJpegDecoder::decode_images(std::vector<at::Tensor> const&)")
+    with pytest.raises(RequestError) as refused, decode.jpeg_errors():
+        raise RuntimeError("Error while decoding JPEG images: Failed to decode batch: 3" + frames)
+    assert status_of(refused.value) == 400
+    assert str(refused.value) == "corrupt JPEG: Error while decoding JPEG images: Failed to decode batch: 3"
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access"), decode.jpeg_errors():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered" + frames)
+
+
 def test_a_batch_of_good_jpegs_decodes_in_one_call() -> None:
     out = decode_jpegs([jpeg(4), jpeg(5)], CPU)
     assert [tuple(t.shape) for t in out] == [(3, 375, 500), (3, 375, 500)]

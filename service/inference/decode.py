@@ -180,10 +180,13 @@ def jpeg_errors() -> Iterator[None]:
             warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
             yield
     except (RuntimeError, UserWarning) as exc:
-        if isinstance(exc, torch.OutOfMemoryError) or "CUDA" in str(exc):
+        # Only the first line says what failed: builds that append the C++ stack trace name their
+        # frames (vision::image::CUDAJpegDecoder::...) whatever the cause.
+        first = (str(exc).splitlines() or [""])[0]
+        if isinstance(exc, torch.OutOfMemoryError) or "CUDA" in first:
             raise  # the device failed, not the file: a 5xx for the batch, never the client's fault
         # torchvision says "decode_jpeg, <file.cpp:line>, <what>": keep only what went wrong
-        parts = [p.strip() for p in _SOURCE_LOCATION.sub("", str(exc).splitlines()[0]).split(",") if p.strip()]
+        parts = [p.strip() for p in _SOURCE_LOCATION.sub("", first).split(",") if p.strip()]
         detail = (parts[-1] if parts else "undecodable")[:200]
         raise RequestError(f"corrupt JPEG: {detail}", reason="corrupt") from None
 
