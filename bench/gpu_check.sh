@@ -3,6 +3,8 @@
 #
 #   bench/gpu_check.sh wheels     # here, with network: the serving stack's wheels into .whl/ (cp312)
 #   bench/gpu_check.sh run        # there: CUDA tests, then the quick GPU benchmark, decode on API vs worker
+#   bench/gpu_check.sh run tests api    # only some steps (tests, api, worker): all three take about
+#                                       # 12 minutes on an H200, past one call's 10, so run them in two calls
 #
 # The GPU machine is expected to have python3 with torch, torchvision, numpy, pillow, requests,
 # matplotlib and prometheus-client; everything else travels in .whl/. Results go to $OUT
@@ -10,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(litserve fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv python-multipart annotated-types
-          typing-inspection annotated-doc pyzmq opentelemetry-api)
+          typing-inspection annotated-doc pyzmq opentelemetry-api grpcio protobuf
+          typing-extensions)
 
 case "${1:-}" in
 wheels)
@@ -28,15 +31,24 @@ wheels)
 run)
     OUT=${OUT:-build/gpu-check}
     mkdir -p "$OUT"
-    python3 -m venv --system-site-packages /tmp/headswap-venv
+    # python3 there may itself be a virtual environment, whose packages --system-site-packages does not
+    # reach: a .pth file puts its package folders behind the carried wheels instead.
+    python3 -m venv /tmp/headswap-venv
     PY=/tmp/headswap-venv/bin/python
+    python3 -c 'import site, sys; print("\n".join(p for p in site.getsitepackages() if p in sys.path))' \
+        >"$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu-machine.pth"
     $PY -m pip install --quiet --no-index --no-deps .whl/*.whl
     $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    steps=("${@:2}")
+    [ ${#steps[@]} -gt 0 ] || steps=(tests api worker)
     # A failure is reported and the next step still runs: device time is scarce.
-    PYTHONUNBUFFERED=1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_on_worker.py \
-        2>&1 | tee "$OUT/cuda-tests.log" || echo "CUDA tests FAILED (see cuda-tests.log); benchmarking anyway"
+    if [[ " ${steps[*]} " == *" tests "* ]]; then
+        PYTHONUNBUFFERED=1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_on_worker.py \
+            2>&1 | tee "$OUT/cuda-tests.log" || echo "CUDA tests FAILED (see cuda-tests.log); benchmarking anyway"
+    fi
     for decode in api worker; do
+        [[ " ${steps[*]} " == *" $decode "* ]] || continue
         PYTHONUNBUFFERED=1 $PY -m bench.run --device cuda --quick --decode-on "$decode" \
             --out "$OUT/BENCHMARKS-gpu-$decode.md" --results "$OUT/results-gpu-$decode.json" --plot "$OUT/gpu-$decode.png" \
             || echo "benchmark with --decode-on $decode FAILED"
