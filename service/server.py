@@ -126,7 +126,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     _within_lifespan(server.app, functools.partial(answers.serve_app, server))  # first: up before a gRPC call comes
     controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
     grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
-    readiness = Readiness(server, expected, shared, grpc_started)
+    api_servers = settings.api_servers or expected
+    readiness = Readiness(server, expected, shared, grpc_started, api_servers=api_servers)
     dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                             settings.timeout_s, settings.decode_threads,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
@@ -150,7 +151,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
     threading.Thread(target=_after_start, args=(settings, served, readiness, sidecars, threads), daemon=True).start()
     freeze_survivors()  # last before the API servers fork: they inherit it (service.control.memory)
     try:
-        server.run(host=settings.host, port=settings.port, num_api_servers=expected, log_level=settings.log_level,
+        server.run(host=settings.host, port=settings.port, num_api_servers=api_servers, log_level=settings.log_level,
                    generate_client_file=False, access_log=settings.access_log == "on")
     finally:
         stop.set()
@@ -210,9 +211,11 @@ class Readiness:
 
     SERVING_TTL_S = 0.25  # how long a "yes, serving" answer is reused on the request path
 
-    def __init__(self, server: ls.LitServer, expected: int, shared: SharedState, grpc_started: Any = None) -> None:
+    def __init__(self, server: ls.LitServer, expected: int, shared: SharedState, grpc_started: Any = None, *,
+                 api_servers: int = 0) -> None:
         self.server = server
-        self.expected = expected  # inference workers, and API servers (one per worker)
+        self.expected = expected  # inference workers
+        self.api_servers = api_servers or expected
         self.shared = shared
         self.grpc_started = grpc_started  # how many API servers' gRPC servers are up (None: no gRPC port)
         self._listening = mp.get_context("fork").RawValue("b", 0)  # before the API servers fork: shared with them
@@ -237,7 +240,7 @@ class Readiness:
 
     def grpc_up(self) -> bool:
         """Every API server's gRPC server is up (True without a gRPC port)."""
-        return self.grpc_started is None or self.grpc_started.value >= self.expected
+        return self.grpc_started is None or self.grpc_started.value >= self.api_servers
 
     def ready(self) -> bool:
         return bool(self._listening.value) and self.workers_ready() and self.grpc_up()

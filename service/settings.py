@@ -76,6 +76,9 @@ class Settings(BaseSettings):
                           "batches of 16, answered in ~1.6 s at ~40 images/s); 0: unbounded")
     max_queue_wait_ms: float = _opt(0.0, "an image that waited longer than this for a worker is not run but answered "
                                     "503 (0: no limit but the request's deadline, --timeout-s)")
+    api_servers: int = _opt(0, "API-server processes: HTTP, gRPC and decode threads, each its own event loop "
+                            "(0: one per inference worker; Triton's --http-thread-count). On a GPU one worker is "
+                            "faster than one API server can feed it")
     decode_threads: int = _opt(4, "image decode threads per API server process")
     worker_nice: int = _opt(5, "niceness the inference workers add to their own (0-19): where they share cores with "
                             "the API servers, the event loop and decode threads go first, so that refusals, probes and "
@@ -142,6 +145,8 @@ class Settings(BaseSettings):
         problems = []
         if self.workers_per_device < 0:
             problems.append(f"workers_per_device must be >= 0 (0: automatic), found {self.workers_per_device}")
+        if self.api_servers < 0:
+            problems.append(f"api_servers must be >= 0 (0: one per inference worker), found {self.api_servers}")
         if self.max_batch_size < 1:
             problems.append(f"max_batch_size must be >= 1, found {self.max_batch_size}")
         if self.batch_timeout_ms < 0 or self.timeout_s <= 0:

@@ -164,6 +164,37 @@ def test_workers_yield_the_cores_to_the_api_servers_by_worker_nice(resnet18_ckpt
             assert _thread_nices(pid) == {base}
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """--api-servers 2 beside one worker: two API-server processes (forks of the main process, after
+    LitServe's queue manager), ready over gRPC too, and each one alone answers /predict from the one
+    worker: with the other stopped, the listening socket's connections all go to it."""
+    import tritonclient.grpc as triton  # noqa: PLC0415 - the test extra
+
+    grpc_port = free_port()
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "1", "--api-servers", "2",
+                    "--grpc-port", str(grpc_port), env=ADMIN) as srv:
+        assert triton.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_ready()
+        workers = [w["pid"] for w in admin(srv, "GET", "models").json()["workers"].values()]
+        assert len(workers) == 1
+        main = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
+        forks = sorted((int(_stat(pid)[19]), pid) for pid in session_pids(srv.proc.pid)
+                       if pid != srv.proc.pid and Path(f"/proc/{pid}/cmdline").read_bytes() == main)
+        api = [pid for _, pid in forks[1:]]  # the first fork is the queue manager
+        assert len(api) == 2, forks
+        for stopped in api:  # the other answers alone
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                for _ in range(3):  # a new connection each
+                    r = requests.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}, timeout=30)
+                    assert r.status_code == 200 and r.json()["predictions"], r.text
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+
+
 def test_a_full_queue_refuses_predict_before_reading_it_and_keeps_the_connection(
         resnet18_ckpt: Path, tmp_path: Path) -> None:
     """With the queue full, a /predict is refused by the early check (its body is never read), with
