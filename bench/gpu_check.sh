@@ -3,8 +3,10 @@
 #
 #   bench/gpu_check.sh wheels     # here, with network: the serving stack's wheels into .whl/ (cp312)
 #   bench/gpu_check.sh run        # there: CUDA tests, then the quick GPU benchmark, decode on API vs worker
-#   bench/gpu_check.sh run tests api    # only some steps (tests, api, worker): all three take about
-#                                       # 12 minutes on an H200, past one call's 10, so run them in two calls
+#   bench/gpu_check.sh run tests api    # only some steps (tests, api, worker, api4): tests and one
+#                                       # benchmark take about 6.5 minutes on an H200, a benchmark alone
+#                                       # about 5, and one call may run 10: two or three calls
+# api4: the api benchmark with --api-servers 4 (four API-server processes for the one GPU worker).
 #
 # The GPU machine is expected to have python3 with torch, torchvision, numpy, pillow, requests,
 # matplotlib and prometheus-client; everything else travels in .whl/. Results go to $OUT
@@ -41,17 +43,21 @@ run)
     $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     steps=("${@:2}")
-    [ ${#steps[@]} -gt 0 ] || steps=(tests api worker)
+    [ ${#steps[@]} -gt 0 ] || steps=(tests api worker api4)
     # A failure is reported and the next step still runs: device time is scarce.
     if [[ " ${steps[*]} " == *" tests "* ]]; then
         PYTHONUNBUFFERED=1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_on_worker.py \
             2>&1 | tee "$OUT/cuda-tests.log" || echo "CUDA tests FAILED (see cuda-tests.log); benchmarking anyway"
     fi
-    for decode in api worker; do
-        [[ " ${steps[*]} " == *" $decode "* ]] || continue
-        PYTHONUNBUFFERED=1 $PY -m bench.run --device cuda --quick --decode-on "$decode" \
-            --out "$OUT/BENCHMARKS-gpu-$decode.md" --results "$OUT/results-gpu-$decode.json" --plot "$OUT/gpu-$decode.png" \
-            || echo "benchmark with --decode-on $decode FAILED"
+    for step in api worker api4; do
+        [[ " ${steps[*]} " == *" $step "* ]] || continue
+        case $step in
+        api4) flags=(--decode-on api --api-servers 4) ;;
+        *) flags=(--decode-on "$step") ;;
+        esac
+        PYTHONUNBUFFERED=1 $PY -m bench.run --device cuda --quick "${flags[@]}" \
+            --out "$OUT/BENCHMARKS-gpu-$step.md" --results "$OUT/results-gpu-$step.json" --plot "$OUT/gpu-$step.png" \
+            || echo "benchmark $step (${flags[*]}) FAILED"
     done
     ;;
 *)

@@ -91,6 +91,7 @@ class Plan:
     images: int = 32
     max_requests: int = 50_000
     decode_on: str = "api"
+    api_servers: int = 0  # the server's --api-servers; 0: its default (one per worker)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -115,7 +116,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         variants=variants[:1] if quick and cuda else () if quick else variants,
         overload_warmup_s=1.0 if quick else 2.0, overload_s=4.0 if quick else 20.0, overload_capacity_s=3.0 if quick else 10.0,
         lone_rounds=1 if quick else 4, lone_s=3.0 if quick else 6.0,
-        max_requests=100_000 if quick else 300_000, decode_on=args.decode_on,
+        max_requests=100_000 if quick else 300_000, decode_on=args.decode_on, api_servers=args.api_servers,
     )
 
 
@@ -362,6 +363,8 @@ def server_flags(plan: Plan) -> list[str]:
         flags += ["--workers-per-device", str(plan.workers)]
     if plan.decode_on != DEFAULTS.decode_on:
         flags += ["--decode-on", plan.decode_on]
+    if plan.api_servers:
+        flags += ["--api-servers", str(plan.api_servers)]
     return flags  # precision: auto is the plan's (bf16 on CUDA, fp32 on CPU)
 
 
@@ -727,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=0, help="server max batch size (default: the server's)")
     parser.add_argument("--workers", type=int, default=0, help="server workers per device (default: the server's choice)")
     parser.add_argument("--decode-on", choices=("api", "worker"), default="api", help="the server's --decode-on")
+    parser.add_argument("--api-servers", type=int, default=0, help="the server's --api-servers (default: the server's)")
     parser.add_argument("--out", default="", help="report (default BENCHMARKS.md; build/bench-quick/ for --quick)")
     parser.add_argument("--results", default="", help="raw results (default bench/results.json)")
     parser.add_argument("--plot", default="", help="figure (default bench/throughput.png)")
