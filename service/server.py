@@ -212,10 +212,10 @@ class Readiness:
     SERVING_TTL_S = 0.25  # how long a "yes, serving" answer is reused on the request path
 
     def __init__(self, server: ls.LitServer, expected: int, shared: SharedState, grpc_started: Any = None, *,
-                 api_servers: int = 0) -> None:
+                 api_servers: int) -> None:
         self.server = server
         self.expected = expected  # inference workers
-        self.api_servers = api_servers or expected
+        self.api_servers = api_servers
         self.shared = shared
         self.grpc_started = grpc_started  # how many API servers' gRPC servers are up (None: no gRPC port)
         self._listening = mp.get_context("fork").RawValue("b", 0)  # before the API servers fork: shared with them
