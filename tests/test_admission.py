@@ -11,7 +11,7 @@ import torch
 from service.errors import Overloaded
 from service.http.errors import error_headers, status_of
 from service.inference.admission import AUTO_QUEUE_MAX, Admission, DrainRate, QueueLedger
-from service.inference.worker import ClassifierAPI, WorkerConfig
+from service.inference.worker import ClassifierAPI, LowestIdleFirst, WorkerConfig
 
 
 class Clock:
@@ -187,6 +187,61 @@ def test_begin_batch_counts_the_other_busy_workers() -> None:
     assert ledger.begin_batch(2) == 1
     ledger.set_busy(0, False)
     assert ledger.begin_batch(1) == 1
+
+
+class Waits:
+    """A clock that advances only by the sleeps of the code under test, which can act at each one."""
+
+    def __init__(self, at_sleep: dict[int, object] | None = None) -> None:
+        self.now, self.sleeps, self.at_sleep = 0.0, 0, at_sleep or {}
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+        if self.sleeps in self.at_sleep:
+            self.at_sleep[self.sleeps]()
+
+
+def turn(ledger: QueueLedger, index: int, waits: Waits, wait_s: float = 0.05) -> bool:
+    return LowestIdleFirst(ledger, index, batch=4, poll_s=0.001, stall_s=0.02,
+                           clock=waits.clock, sleep=waits.sleep).turn(wait_s)
+
+
+def test_a_worker_leaves_to_the_lowest_idle_worker_what_it_will_take() -> None:
+    ledger = QueueLedger(workers=3)
+    for worker in range(3):
+        ledger.set_idle(worker, True)
+    admission = Admission(ledger, bound=0, floor=1)
+    assert not turn(ledger, 1, Waits())  # nothing queued: waited the whole 50 ms, not let in
+    admission.admit(1)
+    waits = Waits({5: lambda: ledger.take(1)})  # worker 0 takes it within 5 ms, as an idle worker does
+    assert not turn(ledger, 1, waits) and not turn(ledger, 2, Waits())
+    admission.admit(2)
+    ledger.set_idle(0, False)  # worker 0 took an item and runs it: the queued work is worker 1's
+    assert turn(ledger, 1, Waits())
+    assert not turn(ledger, 2, Waits({10: lambda: ledger.take(2)}))  # worker 1 is idle below it and takes them
+    admission.admit(5)  # more than one batch (4) for the one idle worker below: worker 2 goes too
+    assert turn(ledger, 2, Waits())
+    ledger.take(5)
+    waits = Waits({3: lambda: ledger.set_idle(0, False)})  # worker 0 wakes busy 3 ms into the wait
+    admission.admit(1)
+    ledger.set_idle(0, True)
+    assert turn(ledger, 1, waits) and waits.sleeps == 3
+
+
+def test_a_lower_worker_that_says_idle_but_takes_nothing_holds_work_up_only_briefly() -> None:
+    ledger = QueueLedger(workers=2)
+    ledger.set_idle(0, True)  # and it died there
+    Admission(ledger, bound=0, floor=1).admit(1)
+    waits = Waits()
+    assert turn(ledger, 1, waits)
+    assert 0.02 <= waits.now < 0.03  # the stall limit, not the whole wait
+    admission = Admission(ledger, bound=0, floor=1)  # now one item after another, each taken in 5 ms
+    taking = {i: (lambda: (ledger.take(1), admission.admit(1))) for i in range(5, 60, 5)}
+    assert not turn(ledger, 1, Waits(taking))  # the lower worker keeps taking: never stalled, never let in
 
 
 @pytest.fixture()

@@ -67,7 +67,7 @@ class ScriptedAPI(SimpleNamespace):
 
     def __init__(self, max_batch_size: int = 8, max_queue_wait_s: float = 0.0) -> None:
         super().__init__(batch_timeout=5.0, max_batch_size=max_batch_size,
-                         config=SimpleNamespace(timeout_s=30.0, max_queue_wait_s=max_queue_wait_s))
+                         config=SimpleNamespace(timeout_s=30.0, max_queue_wait_s=max_queue_wait_s), ledger=None, index=0)
         self.taken: list[int] = []
         self.refused: list[str] = []
 

@@ -169,6 +169,27 @@ def test_workers_yield_the_cores_to_the_api_servers_by_worker_nice(resnet18_ckpt
             assert _thread_nices(pid) == {base}
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = _stat(Path(f"/proc/{pid}"))
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_a_lone_clients_requests_all_go_to_one_worker(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """With two workers, one client's requests in turn all run on the same worker (the lowest idle
+    one, whose weights are in the cache), not on each worker in turn: the other spends next to no
+    CPU time while they run."""
+    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2", env=ADMIN) as srv:
+        workers = [w["pid"] for w in admin(srv, "GET", "models").json()["workers"].values()]
+        assert len(workers) == 2
+        before = [_cpu_ticks(pid) for pid in workers]
+        with requests.Session() as client:
+            for _ in range(30):
+                r = client.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}, timeout=60)
+                assert r.status_code == 200, r.text
+        spent = sorted(_cpu_ticks(pid) - start for pid, start in zip(workers, before))
+        assert spent[0] < 0.2 * spent[1], spent  # taken in turn, each would have spent about half
+
+
 def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt: Path, tmp_path: Path) -> None:
     """--api-servers 2 beside one worker: two API-server processes (forks of the main process, after
     LitServe's queue manager), ready over gRPC too, and each one alone answers /predict from the one

@@ -4,7 +4,9 @@
 servers fork and handed to the spawned workers with their LitAPI: the images admitted and not
 yet taken by a worker (``depth``), the images admitted and not yet answered (``held``: waiting,
 decoding or running), the images workers have taken since start (``taken``, the drain rate's
-clock) and which workers are running a batch now (``busy``, for their thread counts). An API
+clock), which workers are running a batch now (``busy``, for their thread counts) and which are idle,
+done with their last batch and not yet holding the next (``idle``, so that the lowest idle one
+takes the next). An API
 server admits a request's images (all of them or none) before decoding them; a worker takes
 them off ``depth`` when it takes them off the queue, the request gives them back to ``held``
 once it has its answers. The bound is therefore exact across API-server processes, and
@@ -47,6 +49,7 @@ class QueueLedger:
         self._lock = ctx.Lock()
         self._cells = ctx.RawArray("q", 3)
         self._busy = ctx.RawArray("b", max(1, workers))
+        self._idle = ctx.RawArray("b", max(1, workers))
 
     def try_admit(self, n: int, bound: int, *, held: bool = False) -> bool:
         """Add ``n`` images unless that would take the images waiting (with ``held``: the images in
@@ -93,6 +96,16 @@ class QueueLedger:
         with self._lock:
             self._busy[me] = True
             return sum(1 for i, busy in enumerate(self._busy) if busy and i != me)
+
+
+    def set_idle(self, worker: int, idle: bool) -> None:
+        """``worker`` is idle (done with its batch, going to the queue or waiting on it) or not (it
+        took an item). One byte, written only by that worker: no lock."""
+        self._idle[worker % len(self._idle)] = idle
+
+    def idle_below(self, worker: int) -> int:
+        """How many workers of lower index than ``worker`` are idle."""
+        return sum(self._idle[:min(worker, len(self._idle))])
 
 
 class Ticket:
