@@ -206,7 +206,7 @@ class Waits:
 
 
 def turn(ledger: QueueLedger, index: int, waits: Waits, wait_s: float = 0.05) -> bool:
-    return LowestIdleFirst(ledger, index, batch=4, poll_s=0.001, stall_s=0.02,
+    return LowestIdleFirst(ledger, index, batch=4, poll_s=0.001, poll_idle_s=0.001, stall_s=0.02,
                            clock=waits.clock, sleep=waits.sleep).turn(wait_s)
 
 

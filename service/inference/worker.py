@@ -39,7 +39,8 @@ from service.observability.metrics import Metrics, model_label
 log = logging.getLogger("headswap.worker")
 IDLE_POLL_S = 0.05  # how often an idle worker passes its control point
 TRIM_IDLE_S = 1.0  # a worker idle this long since its last batch gives its free heap pages back (HeapTrim)
-TURN_POLL_S = 0.001  # how often a worker above the lowest idle one looks for work it may take (LowestIdleFirst) ...
+TURN_POLL_S = 0.001  # how often a worker looks for work it may take while every worker below it is busy ...
+TURN_POLL_IDLE_S = 0.005  # ... and while one is idle, which takes new work first (LowestIdleFirst) ...
 TURN_GET_S = 0.005  # ... how long it then waits on the queue for that work ...
 TURN_STALL_S = 0.02  # ... and how long queued work may go untaken before it takes it whatever the others say
 
@@ -277,12 +278,13 @@ class LowestIdleFirst:
     """
 
     def __init__(self, ledger: QueueLedger, index: int, batch: int, *, poll_s: float = TURN_POLL_S,
-                 stall_s: float = TURN_STALL_S, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 poll_idle_s: float = TURN_POLL_IDLE_S, stall_s: float = TURN_STALL_S,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.ledger = ledger
         self.index = index
         self.batch = batch
         self.poll_s = poll_s
+        self.poll_idle_s = poll_idle_s
         self.stall_s = stall_s
         self.clock = clock
         self.sleep = sleep
@@ -292,10 +294,10 @@ class LowestIdleFirst:
         until = self.clock() + wait_s
         queued_since, taken = None, self.ledger.taken()
         while True:
-            now, depth = self.clock(), self.ledger.depth()
+            now, depth, idle = self.clock(), self.ledger.depth(), self.ledger.idle_below(self.index)
             if depth == 0:
                 queued_since = None
-            elif depth > self.batch * self.ledger.idle_below(self.index):
+            elif depth > self.batch * idle:
                 return True
             elif queued_since is None or self.ledger.taken() != taken:
                 queued_since, taken = now, self.ledger.taken()
@@ -303,7 +305,7 @@ class LowestIdleFirst:
                 return True
             if now >= until:
                 return False
-            self.sleep(self.poll_s)
+            self.sleep(self.poll_idle_s if idle else self.poll_s)  # an idle server's spare workers barely wake
 
 
 class InferenceLoop(BatchedLoop):
