@@ -4,13 +4,13 @@
 servers fork and handed to the spawned workers with their LitAPI: the images admitted and not
 yet taken by a worker (``depth``), the images admitted and not yet answered (``held``: waiting,
 decoding or running), the images workers have taken since start (``taken``, the drain rate's
-clock), which workers are running a batch now (``busy``, for their thread counts) and which are idle,
-done with their last batch and not yet holding the next (``idle``, so that the lowest idle one
-takes the next). An API
-server admits a request's images (all of them or none) before decoding them; a worker takes
-them off ``depth`` when it takes them off the queue, the request gives them back to ``held``
-once it has its answers. The bound is therefore exact across API-server processes, and
-``headswap_queue_depth`` and ``headswap_admitted_images`` are read from the same cells.
+clock), which workers are running a batch now (``busy``, for their thread counts) and which
+are idle, done with their last batch and not yet holding the next (``idle``: the lowest idle
+one takes the next, ``service.inference.worker.LowestIdleFirst``). An API server admits a
+request's images (all of them or none) before decoding them; a worker takes them off ``depth``
+when it takes them off the queue, the request gives them back to ``held`` once it has its
+answers. The bound is therefore exact across API-server processes, and ``headswap_queue_depth``
+and ``headswap_admitted_images`` are read from the same cells.
 
 ``Admission`` is the API-server side: the bound (``--max-queue``), the drain rate measured from
 ``taken``, and the 503 with ``Retry-After`` for a request over the bound. A number bounds the
@@ -96,7 +96,6 @@ class QueueLedger:
         with self._lock:
             self._busy[me] = True
             return sum(1 for i, busy in enumerate(self._busy) if busy and i != me)
-
 
     def set_idle(self, worker: int, idle: bool) -> None:
         """``worker`` is idle (done with its batch, going to the queue or waiting on it) or not (it

@@ -269,8 +269,8 @@ class LowestIdleFirst:
 
     The workers share one request queue, which hands an item to the worker that has waited on it
     longest: a lone client's requests went round the workers in turn, and each forward pass found
-    its weights out of the cache and the previous worker's threads still spinning (resnet18 on 2
-    cores: +1.3 ms per forward against one worker). Here a worker goes to the queue only for work
+    its weights out of the cache (on 2 cores, resnet18 forward passes alternating between two
+    processes took 2.5-3.5 ms longer than in one; served, a lone client's p50 was 1.5 ms longer). Here a worker goes to the queue only for work
     the idle workers of lower index will not take: more images queued (``QueueLedger.depth``:
     admitted, not yet taken) than a full batch for each of them. A lone client's requests all go to
     worker 0; under load every worker is busy and takes what comes, as before. A lower worker that
