@@ -114,9 +114,10 @@ def _serve(settings: Settings, runtime: Path) -> int:
     # and keeps its speed when something else takes a core (an intra-op thread pool waits for its
     # slowest); a batch that runs alone (a lone client) takes every core instead (solo_threads).
     workers = settings.workers_per_device or (cores if cpu else 1)
-    ledger = QueueLedger(workers)
-    admission = Admission(ledger, settings.queue_bound, floor=2 * settings.max_batch_size * workers)
-    controller = Controller(shared, store, workers, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
+    expected = workers * (1 if cpu else max(1, torch.cuda.device_count()))  # LitServe's: every visible GPU
+    ledger = QueueLedger(expected)
+    admission = Admission(ledger, settings.queue_bound, floor=2 * settings.max_batch_size * expected)
+    controller = Controller(shared, store, expected, audit=AuditLog(runtime / "audit.log" if settings.state_dir else None),
                             validate=check_servable, rollout=rollout, metrics=metrics, swap_timeout_s=settings.swap_timeout_s,
                             memory_budget_bytes=settings.memory_budget_bytes)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
@@ -124,7 +125,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers),
                          answers.name)
     _within_lifespan(server.app, functools.partial(answers.serve_app, server))  # first: up before a gRPC call comes
-    controller.workers = expected = workers * (server.devices if isinstance(server.devices, int) else 1)
+    if len(server.devices) * workers != expected:  # the ledger, the controller and readiness count every worker
+        raise RuntimeError(f"LitServe runs {workers} worker(s) on each of {server.devices}, not {expected} in all")
     grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
     api_servers = settings.api_servers or expected
     readiness = Readiness(server, expected, shared, grpc_started, api_servers=api_servers)

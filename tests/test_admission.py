@@ -10,7 +10,7 @@ import torch
 
 from service.errors import Overloaded
 from service.http.errors import error_headers, status_of
-from service.inference.admission import AUTO_QUEUE_MAX, Admission, DrainRate, QueueLedger
+from service.inference.admission import AUTO_QUEUE_MAX, Admission, DrainRate, QueueLedger, Ticket
 from service.inference.worker import ClassifierAPI, LowestIdleFirst, WorkerConfig
 
 
@@ -210,37 +210,56 @@ def turn(ledger: QueueLedger, index: int, waits: Waits, wait_s: float = 0.05) ->
                            clock=waits.clock, sleep=waits.sleep).turn(wait_s)
 
 
+def queue_up(ledger: QueueLedger, n: int) -> Ticket:
+    """``n`` images admitted and put on the request queue, as an API server does."""
+    ticket = Admission(ledger, bound=0, floor=1).admit(n)
+    for _ in range(n):
+        ticket.handed()
+    return ticket
+
+
 def test_a_worker_leaves_to_the_lowest_idle_worker_what_it_will_take() -> None:
     ledger = QueueLedger(workers=3)
     for worker in range(3):
         ledger.set_idle(worker, True)
-    admission = Admission(ledger, bound=0, floor=1)
     assert not turn(ledger, 1, Waits())  # nothing queued: waited the whole 50 ms, not let in
-    admission.admit(1)
+    queue_up(ledger, 1)
     waits = Waits({5: lambda: ledger.take(1)})  # worker 0 takes it within 5 ms, as an idle worker does
     assert not turn(ledger, 1, waits) and not turn(ledger, 2, Waits())
-    admission.admit(2)
+    queue_up(ledger, 2)
     ledger.set_idle(0, False)  # worker 0 took an item and runs it: the queued work is worker 1's
     assert turn(ledger, 1, Waits())
     assert not turn(ledger, 2, Waits({10: lambda: ledger.take(2)}))  # worker 1 is idle below it and takes them
-    admission.admit(5)  # more than one batch (4) for the one idle worker below: worker 2 goes too
+    queue_up(ledger, 5)  # more than one batch (4) for the one idle worker below: worker 2 goes too
     assert turn(ledger, 2, Waits())
     ledger.take(5)
     waits = Waits({3: lambda: ledger.set_idle(0, False)})  # worker 0 wakes busy 3 ms into the wait
-    admission.admit(1)
+    queue_up(ledger, 1)
     ledger.set_idle(0, True)
     assert turn(ledger, 1, waits) and waits.sleeps == 3
+    assert ledger.queued() == 1 and ledger.depth() == 1
+
+
+def test_images_still_being_decoded_are_no_ones_work_yet() -> None:
+    """Admitted, not yet on the queue (a large image decodes for longer than the stall limit): a
+    worker above an idle one stays away, so the idle one takes it once it is queued."""
+    ledger = QueueLedger(workers=2)
+    ledger.set_idle(0, True)
+    ticket = Admission(ledger, bound=0, floor=1).admit(1)
+    assert ledger.depth() == 1 and ledger.queued() == 0
+    assert not turn(ledger, 1, Waits())
+    ticket.handed()
+    assert ledger.queued() == 1
 
 
 def test_a_lower_worker_that_says_idle_but_takes_nothing_holds_work_up_only_briefly() -> None:
     ledger = QueueLedger(workers=2)
     ledger.set_idle(0, True)  # and it died there
-    Admission(ledger, bound=0, floor=1).admit(1)
+    queue_up(ledger, 1)
     waits = Waits()
     assert turn(ledger, 1, waits)
     assert 0.02 <= waits.now < 0.03  # the stall limit, not the whole wait
-    admission = Admission(ledger, bound=0, floor=1)  # now one item after another, each taken in 5 ms
-    taking = {i: (lambda: (ledger.take(1), admission.admit(1))) for i in range(5, 60, 5)}
+    taking = {i: (lambda: (ledger.take(1), queue_up(ledger, 1))) for i in range(5, 60, 5)}  # each taken in 5 ms
     assert not turn(ledger, 1, Waits(taking))  # the lower worker keeps taking: never stalled, never let in
 
 

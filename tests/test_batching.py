@@ -28,7 +28,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.http.errors import status_of
-from service.inference import dispatch
+from service.inference import dispatch, worker
 from service.inference.admission import Admission, QueueLedger
 from service.inference.decode import DecodeLimits
 from service.inference.worker import HeapTrim, InferenceLoop, failure
@@ -133,6 +133,24 @@ def test_a_full_batch_does_not_wait() -> None:
     queue = ScriptedQueue([entry(str(i), 5) for i in range(4)], late=[entry("never", 0)])
     batch, _ = InferenceLoop().get_batch_requests(api(max_batch_size=4), queue, None)
     assert uids(batch) == ["0", "1", "2", "3"] and queue.waits == []
+
+
+def test_a_worker_above_an_idle_one_leaves_its_work_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 1 does not touch the queue while worker 0 is idle and the queue holds no more than a
+    batch for it (it would race worker 0 for it); worker 0 takes it and is no longer idle."""
+    monkeypatch.setattr(worker, "IDLE_POLL_S", 0.01)  # an idle poll shorter than the stall limit
+    ledger = QueueLedger(2)
+    ledger.set_idle(0, True)
+    ledger.set_idle(1, True)
+    ticket = Admission(ledger, bound=0, floor=1).admit(1)
+    ticket.handed()
+    queue = ScriptedQueue([entry("a", 0)])
+    above, lowest = api(), api()
+    above.ledger, above.index, lowest.ledger = ledger, 1, ledger
+    assert InferenceLoop().get_batch_requests(above, queue, None) == ([], [])
+    assert len(queue.ready) == 1 and above.taken == []
+    batch, _ = InferenceLoop().get_batch_requests(lowest, queue, None)
+    assert uids(batch) == ["a"] and ledger.idle_below(1) == 0
 
 
 class Timeline:

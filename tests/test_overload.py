@@ -178,7 +178,7 @@ def test_a_lone_clients_requests_all_go_to_one_worker(resnet18_ckpt: Path, tmp_p
     """With two workers, one client's requests in turn all run on the same worker (the lowest idle
     one, whose weights are in the cache), not on each worker in turn: the other spends next to no
     CPU time while they run."""
-    with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2", env=ADMIN) as srv:
+    with run_server(resnet18_ckpt, tmp_path, "--device", "cpu", "--workers-per-device", "2", env=ADMIN) as srv:
         workers = [w["pid"] for w in admin(srv, "GET", "models").json()["workers"].values()]
         assert len(workers) == 2
         before = [_cpu_ticks(pid) for pid in workers]
@@ -187,7 +187,7 @@ def test_a_lone_clients_requests_all_go_to_one_worker(resnet18_ckpt: Path, tmp_p
                 r = client.post(f"{srv.url}/predict", data=IMAGE, headers={"Content-Type": "image/jpeg"}, timeout=60)
                 assert r.status_code == 200, r.text
         spent = sorted(_cpu_ticks(pid) - start for pid, start in zip(workers, before))
-        assert spent[0] < 0.2 * spent[1], spent  # taken in turn, each would have spent about half
+        assert spent[0] < 0.25 * spent[1], spent  # taken in turn, each would have spent about half
 
 
 def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt: Path, tmp_path: Path) -> None:

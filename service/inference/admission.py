@@ -2,8 +2,8 @@
 
 ``QueueLedger`` is a few integers in shared memory, created by the main process before the API
 servers fork and handed to the spawned workers with their LitAPI: the images admitted and not
-yet taken by a worker (``depth``), the images admitted and not yet answered (``held``: waiting,
-decoding or running), the images workers have taken since start (``taken``, the drain rate's
+yet taken by a worker (``depth``: decoding or waiting), of those the images on the request queue
+(``queued``), the images admitted and not yet answered (``held``: waiting, decoding or running), the images workers have taken since start (``taken``, the drain rate's
 clock), which workers are running a batch now (``busy``, for their thread counts) and which
 are idle, done with their last batch and not yet holding the next (``idle``: the lowest idle
 one takes the next, ``service.inference.worker.LowestIdleFirst``). An API server admits a
@@ -34,7 +34,7 @@ AUTO_QUEUE_MAX = 1024  # ... and at most this many images (each waits as a decod
 RATE_SAMPLE_S = 0.5  # drain rate: one sample of ``taken`` per this interval ...
 RATE_SAMPLES = 10  # ... over the last this many samples (about 5 s)
 
-_DEPTH, _TAKEN, _HELD = 0, 1, 2
+_DEPTH, _TAKEN, _HELD, _QUEUED = 0, 1, 2, 3
 
 
 class QueueLedger:
@@ -47,7 +47,7 @@ class QueueLedger:
     def __init__(self, workers: int) -> None:
         ctx = mp.get_context("spawn")
         self._lock = ctx.Lock()
-        self._cells = ctx.RawArray("q", 3)
+        self._cells = ctx.RawArray("q", 4)
         self._busy = ctx.RawArray("b", max(1, workers))
         self._idle = ctx.RawArray("b", max(1, workers))
 
@@ -69,15 +69,27 @@ class QueueLedger:
                 self._cells[_DEPTH] -= n
                 self._cells[_HELD] -= answered
 
+    def put(self, n: int, *, again: bool = False) -> None:
+        """``n`` admitted images went onto the request queue; ``again``: images their request had
+        already given back (``release``), counted as waiting again since a worker will take them."""
+        with self._lock:
+            self._cells[_QUEUED] += n
+            if again:
+                self._cells[_DEPTH] += n
+
     def take(self, n: int) -> None:
         """A worker took ``n`` queued images off the queue (to run them or to refuse them)."""
         if n:
             with self._lock:
                 self._cells[_DEPTH] -= n
+                self._cells[_QUEUED] -= n
                 self._cells[_TAKEN] += n
 
     def depth(self) -> int:
         return max(0, self._cells[_DEPTH])
+
+    def queued(self) -> int:
+        return max(0, self._cells[_QUEUED])  # a worker may take an image before its put is counted
 
     def held(self) -> int:
         return max(0, self._cells[_HELD])
@@ -119,9 +131,10 @@ class Ticket:
     def handed(self) -> None:
         """One image went into the queue: from now on the worker that takes it accounts for it."""
         if self.closed:  # queued after the request gave its images back: count it again, the worker will take it
-            self.ledger.release(-1)
+            self.ledger.put(1, again=True)
         else:
             self.pending -= 1
+            self.ledger.put(1)
 
     def close(self) -> None:
         if not self.closed:

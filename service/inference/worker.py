@@ -86,9 +86,9 @@ class ClassifierAPI(ls.LitAPI):
         if self.config.nice:
             lower_priority(self.config.nice)  # the API servers first where they share cores (--worker-nice)
         self.index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
-        if self.ledger is not None:
-            self.ledger.set_busy(self.index, False)  # a restarted worker: its predecessor may have died mid-batch
-            self.ledger.set_idle(self.index, True)
+        if self.ledger is not None:  # a restarted worker: its predecessor may have died mid-batch or idle
+            self.ledger.set_busy(self.index, False)
+            self.ledger.set_idle(self.index, False)  # until the model is loaded (end of setup)
         torch_device = resolve_device(self.config.device)
         self.engine = Engine(torch_device, resolve_precision(self.config.precision, torch_device),
                              budget_bytes=self.config.memory_budget_bytes)
@@ -104,6 +104,8 @@ class ClassifierAPI(ls.LitAPI):
                            if slot == "stable")
         log.info("worker %s (pid %d) ready: device %s, precision %s, %d threads, model %s", worker_id, os.getpid(),
                  torch_device, self.engine.precision, self.config.threads, served)
+        if self.ledger is not None:
+            self.ledger.set_idle(self.index, True)  # ready: first in line if it is the lowest (LowestIdleFirst)
 
     def between_batches(self) -> None:
         """Control point: runs in the worker before every batch and every idle poll."""
@@ -270,11 +272,12 @@ class LowestIdleFirst:
     The workers share one request queue, which hands an item to the worker that has waited on it
     longest: a lone client's requests went round the workers in turn, and each forward pass found
     its weights out of the cache (on 2 cores, resnet18 forward passes alternating between two
-    processes took 2.5-3.5 ms longer than in one; served, a lone client's p50 was 1.5 ms longer). Here a worker goes to the queue only for work
-    the idle workers of lower index will not take: more images queued (``QueueLedger.depth``:
-    admitted, not yet taken) than a full batch for each of them. A lone client's requests all go to
-    worker 0; under load every worker is busy and takes what comes, as before. A lower worker that
-    says it is idle but does not take (it died) holds nothing up for longer than ``stall_s``.
+    processes took 2.5-3.5 ms longer than in one; served, a lone client's p50 was 1.5 ms longer).
+    Here a worker goes to the queue only for work the idle workers of lower index will not take:
+    more images on the queue (``QueueLedger.queued``) than a full batch for each of them. A lone
+    client's requests all go to worker 0; under load every worker is busy and takes what comes, as
+    before. A lower worker that says it is idle but does not take (it died) holds nothing up for
+    longer than ``stall_s``.
     """
 
     def __init__(self, ledger: QueueLedger, index: int, batch: int, *, poll_s: float = TURN_POLL_S,
@@ -294,10 +297,10 @@ class LowestIdleFirst:
         until = self.clock() + wait_s
         queued_since, taken = None, self.ledger.taken()
         while True:
-            now, depth, idle = self.clock(), self.ledger.depth(), self.ledger.idle_below(self.index)
-            if depth == 0:
+            now, queued, idle = self.clock(), self.ledger.queued(), self.ledger.idle_below(self.index)
+            if queued == 0:
                 queued_since = None
-            elif depth > self.batch * idle:
+            elif queued > self.batch * idle:
                 return True
             elif queued_since is None or self.ledger.taken() != taken:
                 queued_since, taken = now, self.ledger.taken()
