@@ -170,7 +170,9 @@ def render(r: dict[str, Any], figure: str) -> str:
               "refuses without a forward pass).", "",
               *(["The *--grpc-port* rows are one server (the defaults plus `--grpc-port`) in one run: V2 over "
                  "gRPC as `tritonclient.grpc` sends it (IMAGE as raw BYTES, one channel and connection per virtual user) "
-                 "beside HTTP raw bodies at the same concurrency, in windows ordered HTTP, gRPC, gRPC, HTTP (a steady "
+                 f"beside HTTP raw bodies at the same concurrency, in windows of {r['grpc']['http'][0]['seconds']:g} s "
+                 "(answers come in whole batches, so a window counts them in steps of one batch: the longer the window, "
+                 "the finer the ratio) ordered HTTP, gRPC, gRPC, HTTP (a steady "
                  "drift of the machine's speed weighs on both alike), and each protocol's do-nothing "
                  "capacity (the 1×1 PIXELS request the worker refuses).", ""] if r.get("grpc") else []),
               f"![throughput and latency]({figure})", "",
