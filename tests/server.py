@@ -40,6 +40,12 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
+def proc_stat(path: Path) -> list[str]:
+    """The fields of ``path``/stat (a /proc process or task) after the command name, which may hold
+    spaces: [0] is the state, [3] the session, [11] and [12] utime and stime, [16] the niceness."""
+    return (path / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def session_pids(sid: int) -> list[int]:
     """Live processes of the session ``sid`` (the server and everything it started)."""
     pids = []
@@ -47,7 +53,7 @@ def session_pids(sid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = proc_stat(entry)
         except OSError:
             continue
         if int(fields[3]) == sid and fields[0] != "Z":

@@ -23,7 +23,7 @@ import requests
 from PIL import Image
 
 from tests.images import encode, jpeg, photo
-from tests.server import Server, run_server, session_pids
+from tests.server import Server, proc_stat, run_server, session_pids
 
 TOKEN = "hostile-admin-token-for-tests"
 NORMAL = jpeg(40)
@@ -242,7 +242,7 @@ def _worker_pids(srv: Server) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = proc_stat(Path(f"/proc/{pid}"))[0]
     except OSError:
         return False
     return state != "Z"

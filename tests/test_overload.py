@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from tests.images import jpeg
-from tests.server import HEADSWAP, Server, free_port, run_server, session_pids
+from tests.server import HEADSWAP, Server, free_port, proc_stat, run_server, session_pids
 from tests.test_hotswap import TOKEN, admin, metric_value
 
 IMAGE = jpeg(3)
@@ -143,14 +143,9 @@ def test_the_bound_holds_over_api_processes_and_late_items_never_run(resnet18_ck
         assert metric_value(srv, 'headswap_rejected_total{reason="overload"}') == 16 - bound
 
 
-def _stat(path: Path) -> list[str]:
-    """The fields of a /proc stat file after the command name, which may hold spaces."""
-    return (path / "stat").read_text().rsplit(")", 1)[1].split()
-
-
 def _thread_nices(pid: int) -> set[int]:
     """The niceness of every thread of process ``pid`` (Linux keeps one per thread)."""
-    return {int(_stat(task)[16]) for task in Path(f"/proc/{pid}/task").iterdir()}
+    return {int(proc_stat(task)[16]) for task in Path(f"/proc/{pid}/task").iterdir()}
 
 
 def test_workers_yield_the_cores_to_the_api_servers_by_worker_nice(resnet18_ckpt: Path, tmp_path: Path) -> None:
@@ -170,7 +165,7 @@ def test_workers_yield_the_cores_to_the_api_servers_by_worker_nice(resnet18_ckpt
 
 
 def _cpu_ticks(pid: int) -> int:
-    fields = _stat(Path(f"/proc/{pid}"))
+    fields = proc_stat(Path(f"/proc/{pid}"))
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
@@ -203,7 +198,7 @@ def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt:
         workers = [w["pid"] for w in admin(srv, "GET", "models").json()["workers"].values()]
         assert len(workers) == 1
         main = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
-        forks = sorted((int(_stat(Path(f"/proc/{pid}"))[19]), pid) for pid in session_pids(srv.proc.pid)
+        forks = sorted((int(proc_stat(Path(f"/proc/{pid}"))[19]), pid) for pid in session_pids(srv.proc.pid)
                        if pid != srv.proc.pid and Path(f"/proc/{pid}/cmdline").read_bytes() == main)
         api = [pid for _, pid in forks[1:]]  # the first fork is the queue manager
         assert len(api) == 2, forks
