@@ -2,11 +2,12 @@
 
 ``QueueLedger`` is a few integers in shared memory, created by the main process before the API
 servers fork and handed to the spawned workers with their LitAPI: the images admitted and not
-yet taken by a worker (``depth``: decoding or waiting), of those the images on the request queue
-(``queued``), the images admitted and not yet answered (``held``: waiting, decoding or running), the images workers have taken since start (``taken``, the drain rate's
-clock), which workers are running a batch now (``busy``, for their thread counts) and which
-are idle, done with their last batch and not yet holding the next (``idle``: the lowest idle
-one takes the next, ``service.inference.worker.LowestIdleFirst``). An API server admits a
+yet taken by a worker (``depth``: decoding or waiting), of those the images on the request
+queue (``queued``), the images admitted and not yet answered (``held``: waiting, decoding or
+running), the images workers have taken since start (``taken``, the drain rate's clock), which
+workers are running a batch now (``busy``, for their thread counts) and which are idle, done
+with their last batch and not yet holding the next (``idle``: the lowest idle one takes the
+next, ``service.inference.worker.LowestIdleFirst``). An API server admits a
 request's images (all of them or none) before decoding them; a worker takes them off ``depth``
 when it takes them off the queue, the request gives them back to ``held`` once it has its
 answers. The bound is therefore exact across API-server processes, and ``headswap_queue_depth``
