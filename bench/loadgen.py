@@ -364,6 +364,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def steady_rate(ends: list[float], t0: float, t1: float) -> float:
+    """Answers per second over the window [t0, t1), given each answer's end time: the least-squares
+    slope of the count of answers over the window (the count as a step function of time).
+
+    A server that batches answers in bursts (a batch of 16 at once): counting the answers that end
+    inside the window and dividing by its length moves by a whole batch with where the window's
+    edges fall between bursts, 3.8% of a 10 s window at 42 requests/s, and a closed loop started
+    at the same moment every time puts them in the same place every time, so the error does not
+    even average out. The slope weighs each answer by ``6 (W²/4 - u²) / W³`` (u: its time from the
+    window's centre, W: the window's length), a parabola that is zero at both edges: a burst near
+    an edge counts for little, whichever side it falls, and the error falls with the square of
+    the number of bursts instead of linearly. Its expectation is the rate for a steady stream;
+    answers missing from part of the window lower it, as they should.
+    """
+    width = t1 - t0
+    if width <= 0:
+        return float("nan")
+    middle = (t0 + t1) / 2
+    return 6 / width**3 * sum(width * width / 4 - (end - middle) ** 2 for end in ends if t0 <= end < t1)
+
+
 def cpu_by_role(first: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
     """CPU seconds spent between two ``process_cpu`` samples, summed per role."""
     roles: dict[str, float] = {}
@@ -393,7 +414,8 @@ def summarize(result: dict[str, Any], ok_status: int = 200) -> dict[str, Any]:
         statuses[str(rec["status"][i])] = statuses.get(str(rec["status"][i]), 0) + 1
     return {
         "concurrency": result["concurrency"], "seconds": round(wall, 2), "requests": len(inside),
-        "ok": len(ok), "failed": len(inside) - len(ok), "statuses": statuses, "rps": len(ok) / wall,
+        "ok": len(ok), "failed": len(inside) - len(ok), "statuses": statuses,
+        "rps": steady_rate([rec["end"][i] for i in ok], t0, t1), "rps_counted": len(ok) / wall,
         "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99),
         "mean_batch": metrics["headswap_batch_size_sum"] / count if count else None,
         "request_weighted_batch": sum(batches) / len(batches) if batches else None,

@@ -29,7 +29,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import HOST, LoadSpec, Records, _cpu_self, encode_request, percentile, read_response, sample, scrape
+from bench.loadgen import (
+    HOST,
+    LoadSpec,
+    Records,
+    _cpu_self,
+    encode_request,
+    percentile,
+    read_response,
+    sample,
+    scrape,
+    steady_rate,
+)
 
 LATE_MS = 10.0  # a request written this much after its scheduled time is late; p99 lag over it: the generator fell behind
 IDLE_S = 2.0  # idle this long before the first and after the last sample: a worker gives its free heap back after 1 s
@@ -247,9 +258,9 @@ def _safe_scrape(spec: LoadSpec) -> dict[str, float]:
 
 def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
     """One open-loop point's numbers. Requests *scheduled* in the measured window count: their
-    statuses, latencies (scheduled time to answer) and lag; goodput is the 200s *answered* in the
-    window per second, so a server that queues without bound gets no credit for answers it gives
-    after the window. CPU and metrics cover the window; resident memory is per server process,
+    statuses, latencies (scheduled time to answer) and lag; goodput is the rate of 200s *answered* in the
+    window (``steady_rate``: answers come in whole batches), so a server that queues without bound
+    gets no credit for answers it gives after the window. CPU and metrics cover the window; resident memory is per server process,
     before the first arrival (``before``), when the window opens (``open``) and closes
     (``close``), and ``IDLE_S`` after the last answer is in (``drained``)."""
     rec = result["records"]
@@ -267,7 +278,7 @@ def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
         if status == 503:
             sent_503.append((rec["end"][i] - rec["start"][i] - rec["lag"][i]) * 1000)
     lag = [rec["lag"][i] * 1000 for i in inside]
-    answered = sum(1 for end, status in zip(rec["end"], rec["status"]) if status == 200 and t0 <= end < t1)
+    answered = [end for end, status in zip(rec["end"], rec["status"]) if status == 200 and t0 <= end < t1]
     edges = result["edges"]
     first, last = edges.get("open", {}), edges.get("close", {})
     metrics = {k: v - first.get("metrics", {}).get(k, 0.0) for k, v in last.get("metrics", {}).items()}
@@ -279,7 +290,8 @@ def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
     p99_lag = percentile(lag, 99)
     return {
         "rate": result["rate"], "seconds": round(wall, 2), "requests": len(inside), "offered_rps": len(inside) / wall,
-        "goodput_rps": answered / wall, "statuses": statuses, "ok": len(latency[200]), "rejected_503": len(latency[503]),
+        "goodput_rps": steady_rate(answered, t0, t1),
+        "goodput_counted_rps": len(answered) / wall, "statuses": statuses, "ok": len(latency[200]), "rejected_503": len(latency[503]),
         "retry_after_503": sum(1 for i in inside if rec["status"][i] == 503 and rec["retry_after"][i]),
         "other_5xx": sum(n for s, n in statuses.items() if 500 <= int(s) < 600 and s != "503"),
         "no_answer": statuses.get("0", 0), "errors": result["errors"], "abandoned": result["abandoned"],

@@ -166,13 +166,16 @@ def render(r: dict[str, Any], figure: str) -> str:
         lines += [_row("headswap + --grpc-port: HTTP do-nothing", g["http_do_nothing"]),
                   _row("headswap + --grpc-port: gRPC do-nothing", g["grpc_do_nothing"])]
     lines += ["", "Mean batch: images per executed forward pass, from the server's `headswap_batch_size` histogram over the "
-              "window. Requests/s counts answers with the expected status (200; 400 for do-nothing, which the worker "
-              "refuses without a forward pass).", "",
+              "window. Requests/s: answers with the expected status (200; 400 for do-nothing, which the worker "
+              "refuses without a forward pass) per second of the window, as the least-squares slope of their count over it "
+              "(`bench.loadgen.steady_rate`): answers come in whole batches, and a plain count over a window moves by a "
+              "batch with where its edges fall between them (3.8% of a 10 s window at 42 req/s; a closed loop started "
+              "the same way every time puts them in the same place, so the error does not average out). The results "
+              "keep the plain count beside it (`rps_counted`).", "",
               *(["The *--grpc-port* rows are one server (the defaults plus `--grpc-port`) in one run: V2 over "
                  "gRPC as `tritonclient.grpc` sends it (IMAGE as raw BYTES, one channel and connection per virtual user) "
                  f"beside HTTP raw bodies at the same concurrency, in windows of {r['grpc']['http'][0]['seconds']:g} s "
-                 "(answers come in whole batches, so a window counts them in steps of one batch: the longer the window, "
-                 "the finer the ratio) ordered HTTP, gRPC, gRPC, HTTP (a steady "
+                 "(long, so that the machine's noise averages out over many batches) ordered HTTP, gRPC, gRPC, HTTP (a steady "
                  "drift of the machine's speed weighs on both alike), and each protocol's do-nothing "
                  "capacity (the 1×1 PIXELS request the worker refuses).", ""] if r.get("grpc") else []),
               f"![throughput and latency]({figure})", "",
@@ -371,8 +374,9 @@ def overload_section(ov: dict[str, Any]) -> list[str]:
              f"{ov['saturation_rps']:.1f} req/s (the best closed-loop requests/s of the defaults, at concurrency "
              f"{ov['saturation_concurrency']}), seeded so that both servers get the same arrivals. Each request goes out at its "
              "scheduled time on an idle keep-alive connection, or a new one, however many are unanswered; its latency counts "
-             "from the scheduled time. Rows count the requests scheduled in the measured window; *goodput* is the 200s "
-             "answered in the window per second. *Lag*: how late the generator wrote its requests (over 10 ms at p99: it fell "
+             "from the scheduled time. Rows count the requests scheduled in the measured window; *goodput* is the rate of "
+             "200s answered in the window (the same slope as *Requests/s* above; the plain count is kept in the results as "
+             "`goodput_counted_rps`). *Lag*: how late the generator wrote its requests (over 10 ms at p99: it fell "
              "behind, marked ⚠). Between points the server is left to settle (nothing in flight, nothing queued) and then idle "
              "for 2 s; *RSS growth* is the largest growth of one server process from that idle state before the point's first "
              "arrival to the idle state 2 s after its last answer is in (an idle worker gives its free heap back after 1 s; "
