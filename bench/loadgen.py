@@ -1,7 +1,10 @@
 """Closed-loop HTTP/1.1 (or gRPC) load over loopback, light enough to share a 2-core machine with the server.
 
 Each virtual user holds one keep-alive connection and sends its next request as soon as the
-previous answer is in (closed loop). A spec with a ``rate`` runs open loop instead (arrivals on a
+previous answer is in (closed loop); a user refused with 503 (gRPC UNAVAILABLE) first waits as
+the answer's ``Retry-After`` says, as a well-behaved client does (urllib3's ``Retry`` honours it),
+instead of asking again at once: a loop of instant retries would measure how fast the server can
+refuse, not what it serves. A spec with a ``rate`` runs open loop instead (arrivals on a
 seeded schedule, whatever the server answers: ``bench.openloop``). Requests are encoded once, up front; an answer is parsed
 only as far as its status line, its length and the two headers the benchmark reads
 (``X-Batch-Size``, ``X-Model-Version``). uvloop is used when installed. Everything is bounded:
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"  # loopback only: this tool never sends load anywhere else
+RETRY_AFTER_CAP_S = 5.0  # the longest a refused closed-loop user waits, whatever its Retry-After says
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # The series a load run reads from the server's /metrics (summed per series, labels included).
@@ -194,6 +198,8 @@ class Load:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" not in (exc.details() or ""):
                         self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
                         await asyncio.sleep(0.05)  # no server: not a busy loop
+                    else:
+                        await self._back_off(dict(exc.trailing_metadata() or ()).get("retry-after"))  # shed calls say when
                     continue
                 batch = answer.parameters["batch_size"].int64_param if "batch_size" in answer.parameters else 0
                 self.records.add(started, time.monotonic(), 200, batch, answer.model_version)
@@ -221,7 +227,20 @@ class Load:
                              headers.get("x-model-version", ""))
             if headers.get("connection", "").lower() == "close":
                 conn = _close(conn)
+            if status == 503:
+                await self._back_off(headers.get("retry-after"))
         _close(conn)
+
+    async def _back_off(self, retry_after: str | None) -> None:
+        """Wait as a refusal's ``Retry-After`` (seconds) says, at most ``RETRY_AFTER_CAP_S`` and not
+        past the window's end; not at all without one (or with a date, which this server never sends)."""
+        try:
+            seconds = float(retry_after) if retry_after else 0.0
+        except ValueError:
+            seconds = 0.0
+        seconds = min(seconds, RETRY_AFTER_CAP_S, self.stop_at - time.monotonic())
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
 
 def _close(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
