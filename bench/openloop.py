@@ -258,11 +258,12 @@ def _safe_scrape(spec: LoadSpec) -> dict[str, float]:
 
 def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
     """One open-loop point's numbers. Requests *scheduled* in the measured window count: their
-    statuses, latencies (scheduled time to answer) and lag; goodput is the rate of 200s *answered* in the
-    window (``steady_rate``: answers come in whole batches), so a server that queues without bound
-    gets no credit for answers it gives after the window. CPU and metrics cover the window; resident memory is per server process,
-    before the first arrival (``before``), when the window opens (``open``) and closes
-    (``close``), and ``IDLE_S`` after the last answer is in (``drained``)."""
+    statuses, latencies (scheduled time to answer) and lag; goodput is the rate of 200s
+    *answered* in the window (``steady_rate``: answers come in whole batches), so a server that
+    queues without bound gets no credit for answers it gives after the window. CPU and metrics
+    cover the window; resident memory is per server process, before the first arrival
+    (``before``), when the window opens (``open``) and closes (``close``), and ``IDLE_S`` after
+    the last answer is in (``drained``)."""
     rec = result["records"]
     t0, t1 = result["window"]
     wall = t1 - t0
@@ -290,8 +291,7 @@ def summarize_open(result: dict[str, Any]) -> dict[str, Any]:
     p99_lag = percentile(lag, 99)
     return {
         "rate": result["rate"], "seconds": round(wall, 2), "requests": len(inside), "offered_rps": len(inside) / wall,
-        "goodput_rps": steady_rate(answered, t0, t1),
-        "goodput_counted_rps": len(answered) / wall, "statuses": statuses, "ok": len(latency[200]), "rejected_503": len(latency[503]),
+        "goodput_rps": steady_rate(answered, t0, t1), "goodput_counted_rps": len(answered) / wall, "statuses": statuses, "ok": len(latency[200]), "rejected_503": len(latency[503]),
         "retry_after_503": sum(1 for i in inside if rec["status"][i] == 503 and rec["retry_after"][i]),
         "other_5xx": sum(n for s, n in statuses.items() if 500 <= int(s) < 600 and s != "503"),
         "no_answer": statuses.get("0", 0), "errors": result["errors"], "abandoned": result["abandoned"],
