@@ -1,10 +1,11 @@
-"""``make bench``: how fast headswap serves, against the ceilings and the peer, in one run on one machine.
+"""``make bench``: how fast headswap serves, against the ceilings and the peers, in one run on one machine.
 
 Measures, in order: the bare model (the ceiling), decode capacity, headswap with its defaults end
 to end at several concurrencies (with the HTTP-only and do-nothing capacities of its stack), a
 hot-swap under load, overload (open-loop arrivals at 1x, 2x, 4x the saturation rate, with
 shedding on and, beside it, off), V2 over gRPC beside HTTP (and each one's do-nothing capacity),
-labelled variants (other layouts), a plain LitServe reference, and cold start.
+labelled variants (other layouts), a plain LitServe reference, a lone client against headswap,
+that reference and TorchServe in alternating windows, and cold start.
 Writes ``bench/results.json``, ``bench/throughput.png`` and ``BENCHMARKS.md``; checks the
 targets and says plainly which are missed.
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import torchserve_peer
 from bench.loadgen import LoadSpec, finish_load, percentile, process_cpu, start_load, summarize
 from bench.overload import has_max_queue, open_loop_points
 from bench.report import render
@@ -557,15 +559,20 @@ def lone_client_stage(plan: Plan, base: Path, jpeg: LoadSpec, reference: LoadSpe
     windows (the other server stopped with SIGSTOP, so its idle threads cost nothing), the bare batch-1
     forward measured before each window with both stopped. The three share every minute of this
     machine's drifting speed, which the sweep's c=1 point and the reference stage, minutes apart, do not."""
-    say(f"lone client: headswap (defaults) and plain LitServe at c=1, {plan.lone_rounds} alternating rounds, "
-        "the bare batch-1 forward before each window")
+    skipped = torchserve_peer.unavailable()
+    say(f"lone client: headswap (defaults), plain LitServe{'' if skipped else ' and TorchServe'} at c=1, "
+        f"{plan.lone_rounds} alternating rounds, the bare batch-1 forward before each window"
+        + (f" (TorchServe not run: {skipped})" if skipped else ""))
     probe = lone_forward(base, plan, os.cpu_count() or 1)
-    hs_port, ref_port = free_port(), free_port()
+    hs_port, ref_port, ts_port = free_port(), free_port(), free_port()
     windows: list[dict[str, Any]] = []
     with running(headswap_cmd(base, hs_port, plan), "/ready", hs_port, work / "lone-headswap.log", signal.SIGTERM) as hs, \
-         running_reference(base, ref_port, work / "lone-reference.log") as ref:
+         running_reference(base, ref_port, work / "lone-reference.log") as ref, \
+         (contextlib.nullcontext() if skipped else running_torchserve(base, ts_port, jpeg, work)) as ts:
         servers = {"headswap": (hs, replace(jpeg, port=hs_port)), "reference": (ref, replace(reference, port=ref_port))}
-        stopped = _Stopped([hs.sid, ref.sid])
+        if ts is not None:
+            servers["torchserve"] = (ts, replace(jpeg, port=ts_port, path=f"/predictions/{torchserve_peer.MODEL}"))
+        stopped = _Stopped([server.sid for server, _ in servers.values()])
         with stopped:
             for _ in range(plan.lone_rounds):
                 for name, (server, spec) in servers.items():
@@ -576,10 +583,10 @@ def lone_client_stage(plan: Plan, base: Path, jpeg: LoadSpec, reference: LoadSpe
                     windows.append({"system": name, "bare_ms": bare_ms, "paced_ms": paced_ms, "point": point})
     summary = {name: statistics.mean(w["point"]["p50_ms"] for w in windows if w["system"] == name) for name in servers}
     bare, paced = statistics.mean(w["bare_ms"] for w in windows), statistics.mean(w["paced_ms"] for w in windows)
-    say(f"  mean of the windows' p50: headswap {summary['headswap']:.1f} ms, plain LitServe {summary['reference']:.1f} ms; "
+    say(f"  mean of the windows' p50: {', '.join(f'{name} {p50:.1f} ms' for name, p50 in summary.items())}; "
         f"bare batch-1 forward {bare:.1f} ms ({paced:.1f} ms paced)")
     return {"windows": windows, "p50_ms": summary, "bare_ms": bare, "paced_ms": paced, "gap_ms": 1000 * LONE_GAP_S,
-            "seconds": plan.lone_s}
+            "seconds": plan.lone_s, **({"torchserve_skipped": skipped} if skipped else {})}
 
 
 class _Stopped:
@@ -708,6 +715,31 @@ def running_reference(base: Path, port: int, log: Path) -> contextlib.AbstractCo
     return running(cmd, "/health", port, log, signal.SIGTERM, env={"PYTHONPATH": str(ROOT)})
 
 
+@contextlib.contextmanager
+def running_torchserve(base: Path, port: int, jpeg: LoadSpec, work: Path) -> Iterator[Running]:
+    """TorchServe with its defaults (``bench/torchserve_peer.py``) serving ``base``, ready. Its
+    ``/ping`` answers before its workers have loaded the model: ready here is a first answered
+    prediction."""
+    folder = work / "torchserve"
+    folder.mkdir(exist_ok=True)
+    cmd = torchserve_peer.command(base, port, free_port(), free_port(), folder)
+    with running(cmd, "/ping", port, folder / "torchserve.log", signal.SIGTERM) as server:
+        url = f"http://127.0.0.1:{port}/predictions/{torchserve_peer.MODEL}"
+        body = Path(jpeg.bodies[0]).read_bytes()
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": jpeg.content_type}),
+                                            timeout=60) as answer:
+                    if answer.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"TorchServe answered no prediction; its log ends:\n{server.log.read_text()[-3000:]}") from None
+                time.sleep(0.2)
+        yield server
+
+
 def reference_stage(plan: Plan, base: Path, spec: LoadSpec, work: Path) -> dict[str, Any]:
     port = free_port()
     say("plain LitServe reference (JSON base64 body, PIL decode in decode_request, LitServe defaults)")
@@ -728,7 +760,7 @@ def _do_nothing_spec(work: Path, port: int, model: str, plan: Plan, seconds: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description="headswap's benchmark (make bench)")
-    parser.add_argument("--quick", action="store_true", help="short check (< 3 min): concurrency 1 and 16, short windows")
+    parser.add_argument("--quick", action="store_true", help="short check (about 5 min): concurrency 1 and 16, short windows")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--arch", default="", help="default: resnet18 on cpu, resnet50 on cuda")
     parser.add_argument("--max-batch-size", type=int, default=0, help="server max batch size (default: the server's)")
