@@ -555,10 +555,11 @@ def headswap_stage(plan: Plan, base: Path, jpeg: LoadSpec, swap_names: list[str]
 
 
 def lone_client_stage(plan: Plan, base: Path, jpeg: LoadSpec, reference: LoadSpec, work: Path) -> dict[str, Any]:
-    """Concurrency 1: headswap (defaults) and the plain LitServe reference, both started, in alternating
-    windows (the other server stopped with SIGSTOP, so its idle threads cost nothing), the bare batch-1
-    forward measured before each window with both stopped. The three share every minute of this
-    machine's drifting speed, which the sweep's c=1 point and the reference stage, minutes apart, do not."""
+    """Concurrency 1: headswap (defaults) and its peers, the plain LitServe reference and (where it
+    can run) TorchServe, all started, in alternating windows (the others stopped with SIGSTOP, so
+    their idle threads cost nothing), the bare batch-1 forward measured before each window with all
+    of them stopped. They share every minute of this machine's drifting speed, which the sweep's
+    c=1 point and the reference stage, minutes apart, do not."""
     skipped = torchserve_peer.unavailable()
     say(f"lone client: headswap (defaults), plain LitServe{'' if skipped else ' and TorchServe'} at c=1, "
         f"{plan.lone_rounds} alternating rounds, the bare batch-1 forward before each window"
