@@ -324,14 +324,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(cmd: list[str], ready_path: str, port: int, log: Path, stop_signal: int, env: dict[str, str] | None = None,
-            timeout: float = 300.0) -> Iterator[Running]:
-    """Start ``cmd`` in its own session, time process start -> ``ready_path`` 200, end it by pid."""
+            timeout: float = 300.0, ready_body: bytes | None = None, content_type: str = "") -> Iterator[Running]:
+    """Start ``cmd`` in its own session, time process start -> ``ready_path`` 200 (a GET, or a POST
+    of ``ready_body``), end it by pid."""
     with open(log, "wb") as out:
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent,
                                 env={**os.environ, **(env or {})})
     try:
-        while not _ok(f"http://127.0.0.1:{port}{ready_path}"):
+        while not _ok(f"http://127.0.0.1:{port}{ready_path}", ready_body, content_type):
             if proc.poll() is not None or time.monotonic() - started > timeout:
                 raise RuntimeError(f"{cmd[0]} not ready (exit {proc.poll()}); its log ends:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
@@ -349,9 +350,10 @@ def running(cmd: list[str], ready_path: str, port: int, log: Path, stop_signal: 
                 os.kill(pid, signal.SIGKILL)
 
 
-def _ok(url: str) -> bool:
+def _ok(url: str, body: bytes | None = None, content_type: str = "") -> bool:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2 if body is None else 60) as response:
             return response.status == 200
     except (OSError, urllib.error.HTTPError):
         return False
@@ -716,29 +718,15 @@ def running_reference(base: Path, port: int, log: Path) -> contextlib.AbstractCo
     return running(cmd, "/health", port, log, signal.SIGTERM, env={"PYTHONPATH": str(ROOT)})
 
 
-@contextlib.contextmanager
-def running_torchserve(base: Path, port: int, jpeg: LoadSpec, work: Path) -> Iterator[Running]:
+def running_torchserve(base: Path, port: int, jpeg: LoadSpec, work: Path) -> contextlib.AbstractContextManager[Running]:
     """TorchServe with its defaults (``bench/torchserve_peer.py``) serving ``base``, ready. Its
     ``/ping`` answers before its workers have loaded the model: ready here is a first answered
     prediction."""
     folder = work / "torchserve"
     folder.mkdir(exist_ok=True)
     cmd = torchserve_peer.command(base, port, free_port(), free_port(), folder)
-    with running(cmd, "/ping", port, folder / "torchserve.log", signal.SIGTERM) as server:
-        url = f"http://127.0.0.1:{port}/predictions/{torchserve_peer.MODEL}"
-        body = Path(jpeg.bodies[0]).read_bytes()
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": jpeg.content_type}),
-                                            timeout=60) as answer:
-                    if answer.status == 200:
-                        break
-            except (OSError, urllib.error.HTTPError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"TorchServe answered no prediction; its log ends:\n{server.log.read_text()[-3000:]}") from None
-                time.sleep(0.2)
-        yield server
+    return running(cmd, f"/predictions/{torchserve_peer.MODEL}", port, folder / "torchserve.log", signal.SIGTERM,
+                   ready_body=Path(jpeg.bodies[0]).read_bytes(), content_type=jpeg.content_type)
 
 
 def reference_stage(plan: Plan, base: Path, spec: LoadSpec, work: Path) -> dict[str, Any]:
