@@ -33,6 +33,7 @@ from service.inference.admission import Admission, QueueLedger
 from service.inference.decode import DecodeLimits
 from service.inference.worker import HeapTrim, InferenceLoop, failure
 from tests.images import jpeg
+from tests.test_admission import queue_up
 
 
 class ScriptedQueue:
@@ -142,8 +143,7 @@ def test_a_worker_above_an_idle_one_leaves_its_work_to_it(monkeypatch: pytest.Mo
     ledger = QueueLedger(2)
     ledger.set_idle(0, True)
     ledger.set_idle(1, True)
-    ticket = Admission(ledger, bound=0, floor=1).admit(1)
-    ticket.handed()
+    queue_up(ledger, 1)
     queue = ScriptedQueue([entry("a", 0)])
     above, lowest = api(), api()
     above.ledger, above.index, lowest.ledger = ledger, 1, ledger
