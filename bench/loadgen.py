@@ -1,9 +1,10 @@
 """Closed-loop HTTP/1.1 (or gRPC) load over loopback, light enough to share a 2-core machine with the server.
 
-Each virtual user holds one keep-alive connection and sends its next request as soon as the
-previous answer is in (closed loop); a user refused with 503 (gRPC UNAVAILABLE) first waits as
-the answer's ``Retry-After`` says, as a well-behaved client does (urllib3's ``Retry`` honours it),
-instead of asking again at once: a loop of instant retries would measure how fast the server can
+Each virtual user holds one keep-alive connection (over gRPC, six users share each channel, as
+Triton's client library does) and sends its next request as soon as the previous answer is in
+(closed loop); a user refused with 503 (gRPC UNAVAILABLE) first waits as the answer's
+``Retry-After`` says, as a well-behaved client does (urllib3's ``Retry`` honours it), instead of
+asking again at once: a loop of instant retries would measure how fast the server can
 refuse, not what it serves. A spec with a ``rate`` runs open loop instead (arrivals on a
 seeded schedule, whatever the server answers: ``bench.openloop``). Requests are encoded once, up front; an answer is parsed
 only as far as its status line, its length and the two headers the benchmark reads
@@ -67,8 +68,10 @@ class LoadSpec:
     max_connections: int = 0  # open connections at most (0: what the file-descriptor limit allows)
     watch_s: float = 0.0  # open loop: read headswap_queue_depth every this many seconds (0: never)
     # "grpc": each body is a serialized request sent to the gRPC method ``path`` (e.g.
-    # /inference.GRPCInferenceService/ModelInfer) on ``port``, one channel (HTTP/2 connection) per user.
+    # /inference.GRPCInferenceService/ModelInfer) on ``port``; ``users_per_channel`` users share each
+    # channel (HTTP/2 connection), six as Triton's client library (and so perf_analyzer) shares them.
     protocol: str = "http"
+    users_per_channel: int = 6
 
 
 def start_load(spec: LoadSpec, workdir: Path) -> subprocess.Popen:
@@ -173,36 +176,49 @@ class Load:
         return self.requests[index % len(self.requests)]
 
     async def run(self) -> None:
-        user = self._grpc_user if self.spec.protocol == "grpc" else self._user
-        await asyncio.gather(*(user(u) for u in range(self.spec.concurrency)))
+        if self.spec.protocol == "grpc":
+            await self._grpc_users()
+        else:
+            await asyncio.gather(*(self._user(u) for u in range(self.spec.concurrency)))
 
-    async def _grpc_user(self, user: int) -> None:
-        """As ``_user``, over one gRPC channel: the answer's status is the HTTP status of its gRPC code."""
+    async def _grpc_users(self) -> None:
+        import grpc  # noqa: PLC0415 - only gRPC runs need it
+
+        # Each channel a connection of its own (a local subchannel pool): else gRPC shares one
+        # connection among every channel to the same target, and one API-server process would get
+        # every call.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        share = max(1, self.spec.users_per_channel)
+        channels = [grpc.aio.insecure_channel(f"{HOST}:{self.spec.port}", options=options)
+                    for _ in range(-(-self.spec.concurrency // share))]
+        try:
+            await asyncio.gather(*(self._grpc_user(u, channels[u // share]) for u in range(self.spec.concurrency)))
+        finally:
+            await asyncio.gather(*(channel.close() for channel in channels))
+
+    async def _grpc_user(self, user: int, channel: Any) -> None:
+        """As ``_user``, over a gRPC channel: the answer's status is the HTTP status of its gRPC code."""
         import grpc  # noqa: PLC0415 - only gRPC runs need it
 
         from service.protocols.grpc_v2.open_inference_pb2 import ModelInferResponse  # noqa: PLC0415
 
         index = user
-        # A pool of its own: else gRPC shares one connection among every channel to the same target
-        # (one API-server process would get every user's calls).
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        async with grpc.aio.insecure_channel(f"{HOST}:{self.spec.port}", options=options) as channel:
-            call = channel.unary_unary(self.spec.path)  # bytes in, bytes out: requests are serialized up front
-            while (request := self._next(index)) is not None:
-                index += 1
-                started = time.monotonic()
-                try:
-                    answer = ModelInferResponse.FromString(await call(request, timeout=self.spec.timeout_s))
-                except grpc.aio.AioRpcError as exc:
-                    self.records.add(started, time.monotonic(), GRPC_STATUS.get(exc.code().name, 599), 0, "")
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" not in (exc.details() or ""):
-                        self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
-                        await asyncio.sleep(0.05)  # no server: not a busy loop
-                    else:
-                        await self._back_off(dict(exc.trailing_metadata() or ()).get("retry-after"))  # shed calls say when
-                    continue
-                batch = answer.parameters["batch_size"].int64_param if "batch_size" in answer.parameters else 0
-                self.records.add(started, time.monotonic(), 200, batch, answer.model_version)
+        call = channel.unary_unary(self.spec.path)  # bytes in, bytes out: requests are serialized up front
+        while (request := self._next(index)) is not None:
+            index += 1
+            started = time.monotonic()
+            try:
+                answer = ModelInferResponse.FromString(await call(request, timeout=self.spec.timeout_s))
+            except grpc.aio.AioRpcError as exc:
+                self.records.add(started, time.monotonic(), GRPC_STATUS.get(exc.code().name, 599), 0, "")
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" not in (exc.details() or ""):
+                    self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
+                    await asyncio.sleep(0.05)  # no server: not a busy loop
+                else:
+                    await self._back_off(dict(exc.trailing_metadata() or ()).get("retry-after"))  # shed calls say when
+                continue
+            batch = answer.parameters["batch_size"].int64_param if "batch_size" in answer.parameters else 0
+            self.records.add(started, time.monotonic(), 200, batch, answer.model_version)
 
     async def _user(self, user: int) -> None:
         index = user

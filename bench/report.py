@@ -181,7 +181,8 @@ def render(r: dict[str, Any], figure: str) -> str:
               "the same way every time puts them in the same place, so the error does not average out). The results "
               "keep the plain count beside it (`rps_counted`).", "",
               *(["The *--grpc-port* rows are one server (the defaults plus `--grpc-port`) in one run: V2 over "
-                 "gRPC as `tritonclient.grpc` sends it (IMAGE as raw BYTES, one channel and connection per virtual user) "
+                 "gRPC as `tritonclient.grpc` sends it (IMAGE as raw BYTES; six virtual users share each channel, a "
+                 "connection of its own, as Triton's client library and so `perf_analyzer` share them) "
                  f"beside HTTP raw bodies at the same concurrency, in windows of {r['grpc']['http'][0]['seconds']:g} s "
                  "(long, so that the machine's noise averages out over many batches) ordered HTTP, gRPC, gRPC, HTTP (a steady "
                  "drift of the machine's speed weighs on both alike), and each protocol's do-nothing "
