@@ -144,7 +144,6 @@ def _serve(settings: Settings, runtime: Path) -> int:
         listener = _grpc_listener(settings, plane, metrics, repository, readiness, grpc_started)
         _within_lifespan(server.app, lambda app: listener.serve())
     _within_lifespan(server.app, _frozen)  # last: once each API server's listeners and app are built
-    server.app.add_middleware(ShedEarly, refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model)  # outside routing: cheap 503s
     sidecars = _sidecars(settings, controller, shared, repository, metrics_route, server.app)
     _ShutdownSignals().install()
     stop = threading.Event()
@@ -154,7 +153,8 @@ def _serve(settings: Settings, runtime: Path) -> int:
     freeze_survivors()  # last before the API servers fork: they inherit it (service.control.memory)
     try:
         server.run(host=settings.host, port=settings.port, num_api_servers=api_servers, log_level=settings.log_level,
-                   generate_client_file=False, access_log=settings.access_log == "on")
+                   generate_client_file=False, access_log=settings.access_log == "on",
+                   http=ShedEarly.judging(refusal=admission.refusal, metrics=metrics, model_label=plane.metric_model))
     finally:
         stop.set()
         for sidecar in sidecars:

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
                           "API servers)", ("api", "worker"))
     log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
     access_log: str = _opt("off", "log a line per HTTP request (uvicorn's access log); off by default: every request "
-                           "pays for it in API-server CPU (about 15%% of an early 503's)", ("on", "off"))
+                           "pays for it in API-server CPU (an early 503 costs about a third more)", ("on", "off"))
     admin_token_file: str = _opt("", "file holding the admin API bearer token (or set HEADSWAP_ADMIN_TOKEN); none: admin off")
     admin_port: int = _opt(0, "serve /admin on this separate port only (0: on the main port)")
     metrics_port: int = _opt(0, "also serve /metrics on this separate port (0: main port only)")
