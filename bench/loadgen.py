@@ -13,7 +13,7 @@ a warm-up, a measured window, a cap on the number of requests, a per-request tim
 target is always 127.0.0.1.
 
 It runs as its own process (``python -m bench.loadgen SPEC.json``, JSON result on stdout), so
-the CPU time it reports is its own. At the edges of the measured window it also samples the
+the CPU time it reports is its own, as SCHED_BATCH, so that its wakeups do not preempt the server. At the edges of the measured window it also samples the
 server's CPU time and resident memory (``/proc``, every process of the server's session) and,
 if asked, the server's ``/metrics``. ``summarize`` turns the raw records into the table's numbers.
 """
@@ -366,8 +366,19 @@ async def measure(spec: LoadSpec) -> dict[str, Any]:
             "self_cpu_total_s": _cpu_self(), "loop": type(loop).__module__.split(".")[0]}
 
 
+def yield_to_the_server() -> None:
+    """Run as SCHED_BATCH (Linux): sharing the machine with the server, the generator's wakeups
+    (each arrival, each answer) then do not preempt the server's processes mid-slice, as a client
+    on another machine never would; it still gets its fair share of the CPU. Elsewhere, nothing."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     spec = LoadSpec(**json.loads(Path(argv[0]).read_text()))
+    yield_to_the_server()  # first: the threads it starts later inherit it
     try:
         import uvloop  # noqa: PLC0415 - optional
         uvloop.install()

@@ -151,7 +151,9 @@ def render(r: dict[str, Any], figure: str) -> str:
         "(33% more bytes and a base64 decode).",
         "- Load (`bench/loadgen.py`): closed loop, one keep-alive HTTP/1.1 connection per virtual user, over 127.0.0.1, "
         f"in its own process ({r['plan']['warmup_s']:g} s warm-up, {r['plan']['measure_s']:g} s measured per point). "
-        "Its CPU use is reported: on a small machine it competes with the server. A user refused with 503 (a server "
+        "Its CPU use is reported: on a small machine it competes with the server. It runs as `SCHED_BATCH`, so that "
+        "its wakeups (each arrival, each answer) do not preempt the server mid-slice, as a client on another machine "
+        "never would; it still gets its fair share of the CPU. A user refused with 503 (a server "
         "shedding load) waits as the answer's `Retry-After` says, at most 5 s, before it asks again, as a well-behaved "
         "client does; the refusals count as *Failed*.", "",
         "## Results", "",

@@ -54,10 +54,10 @@ class ShedEarly(HttpToolsProtocol):
             super().on_headers_complete()
             return
         assert path is not None
-        self._refuse(refused, path)
+        status = self._refuse(refused, path)
         self.metrics.rejected.labels(refused.reason).inc()
         model = self.model_label(_model_named(path))
-        self.metrics.requests.labels("predict", "503", "none", model).inc()
+        self.metrics.requests.labels("predict", str(status), "none", model).inc()
         self.metrics.request_duration.labels("predict", model).observe(time.perf_counter() - started)
 
     def _judged_path(self) -> str | None:
@@ -73,9 +73,9 @@ class ShedEarly(HttpToolsProtocol):
         path = urllib.parse.unquote(path) if "%" in path else path
         return path if _is_predict(path) else None
 
-    def _refuse(self, refused: Overloaded, path: str) -> None:
-        """Answer 503 and treat the request as one whose response is complete: its body is skipped
-        as it arrives, and the connection then serves the next request (or closes, as HTTP says)."""
+    def _refuse(self, refused: Overloaded, path: str) -> int:
+        """Answer 503 (returned) and treat the request as one whose response is complete: its body is
+        skipped as it arrives, and the connection then serves the next request (or closes, as HTTP says)."""
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         response = error_response(refused)
         headers: list[tuple[bytes, bytes]] = [*self.server_state.default_headers, *response.raw_headers]
@@ -98,6 +98,7 @@ class ShedEarly(HttpToolsProtocol):
         if not keep_alive:
             self.transport.close()
         self.on_response_complete()
+        return response.status_code
 
 
 def _is_predict(path: str) -> bool:

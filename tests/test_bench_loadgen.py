@@ -1,8 +1,12 @@
-"""The benchmark's gRPC load: users share channels as Triton's client library does, each channel a connection."""
+"""The benchmark's load generator: it yields to the server it shares a machine with, and its gRPC users
+share channels as Triton's client library does, each channel a connection."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -50,3 +54,12 @@ def test_users_share_each_channel_and_every_channel_is_a_connection_of_its_own(
     assert load.records.status == [200] * 10 * concurrency
     assert set(load.records.batch) == {1}
     assert not load.errors
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_the_generator_process_runs_as_sched_batch_and_its_threads_inherit_it() -> None:
+    probe = ("import os, threading, bench.loadgen as L; L.yield_to_the_server(); seen = []; "
+             "t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0))); t.start(); t.join(); "
+             "print(os.sched_getscheduler(0), seen[0])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    assert out == [str(os.SCHED_BATCH)] * 2
