@@ -50,10 +50,9 @@ class ShedEarly(HttpToolsProtocol):
         started = time.perf_counter()
         path = self._judged_path()
         refused = self.refusal(1) if path is not None else None
-        if refused is None:
+        if path is None or refused is None:
             super().on_headers_complete()
             return
-        assert path is not None
         status = self._refuse(refused, path)
         self.metrics.rejected.labels(refused.reason).inc()
         model = self.model_label(_model_named(path))
