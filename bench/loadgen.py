@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from service.inference.request_queue import PROCESS_NAME as QUEUE_PROCESS
+
 HOST = "127.0.0.1"  # loopback only: this tool never sends load anywhere else
 RETRY_AFTER_CAP_S = 5.0  # the longest a refused closed-loop user waits, whatever its Retry-After says
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -272,30 +274,33 @@ def process_cpu(sid: int) -> dict[int, dict[str, Any]]:
     """CPU seconds (user + system) and resident bytes of every live process in session ``sid``, with its role.
 
     Roles, for a LitServe server started in its own session: ``main`` (the session leader),
-    ``worker`` (spawned by multiprocessing), ``manager`` (the first fork: LitServe's queue
-    manager), ``api`` (later forks: uvicorn API servers), ``other`` (resource tracker).
+    ``worker`` (spawned by multiprocessing), ``queue`` (headswap's request queue, by its process
+    name), ``manager`` (the first other fork: LitServe's queue manager), ``api`` (later forks:
+    uvicorn API servers), ``other`` (resource tracker).
     """
     found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            stat = Path(entry.path, "stat").read_text()
+            comm, fields = stat[stat.find("(") + 1:stat.rfind(")")], stat.rsplit(")", 1)[1].split()
             if int(fields[3]) != sid:
                 continue
             cmdline = Path(entry.path, "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        found[int(entry.name)] = {"cpu_s": (int(fields[11]) + int(fields[12])) / CLK_TCK,
-                                  "started": int(fields[19]), "rss_bytes": int(fields[21]) * PAGE, "cmdline": cmdline}
+        found[int(entry.name)] = {"cpu_s": (int(fields[11]) + int(fields[12])) / CLK_TCK, "started": int(fields[19]),
+                                  "rss_bytes": int(fields[21]) * PAGE, "cmdline": cmdline, "comm": comm}
     main = found.get(sid, {}).get("cmdline")
-    forks = sorted((info["started"], pid) for pid, info in found.items() if pid != sid and info["cmdline"] == main)
+    forks = sorted((info["started"], pid) for pid, info in found.items()
+                   if pid != sid and info["cmdline"] == main and info["comm"] != QUEUE_PROCESS)
     manager = forks[0][1] if len(forks) > 1 else None
     for pid, info in found.items():
-        cmd = info.pop("cmdline")
+        cmd, comm = info.pop("cmdline"), info.pop("comm")
         info["role"] = ("main" if pid == sid else "worker" if b"multiprocessing.spawn" in cmd
-                        else "other" if b"resource_tracker" in cmd else "manager" if pid == manager
-                        else "api" if cmd == main else "other")
+                        else "other" if b"resource_tracker" in cmd else "queue" if comm == QUEUE_PROCESS
+                        else "manager" if pid == manager else "api" if cmd == main else "other")
     return found
 
 

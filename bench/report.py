@@ -222,12 +222,14 @@ def render(r: dict[str, Any], figure: str) -> str:
               f"headswap at concurrency {top['concurrency']}: server {top['server_cores']:.2f} cores ({roles}), "
               f"load generator {top['loadgen_cores']:.2f}, other tenants {_f(top.get('other_cores'), 2)}, "
               f"of {m['cores']}. Roles: *worker* runs the forward pass; *api* is the uvicorn process (HTTP, decode threads); "
-              "*manager* is LitServe's multiprocessing manager that carries the request/response queues; *main* is the "
-              "parent process.", "",
+              "*queue* is the process that holds the request queue (`service/inference/request_queue.py`); *manager* is "
+              "LitServe's multiprocessing manager (its response queues, used only where an answer socket cannot be); "
+              "*main* is the parent process.", "",
               "Server CPU per answered request (core-milliseconds): " + ", ".join(
                   f"{label} {1000 * p['server_cores'] / p['rps']:.1f}" + (
                       f" (worker {1000 * p['server_cores_by_role'].get('worker', 0) / p['rps']:.1f}, "
                       f"api {1000 * p['server_cores_by_role'].get('api', 0) / p['rps']:.1f}, "
+                      f"queue {1000 * p['server_cores_by_role'].get('queue', 0) / p['rps']:.1f}, "
                       f"manager {1000 * p['server_cores_by_role'].get('manager', 0) / p['rps']:.1f})")
                   for label, p in (("headswap at saturation", top), ("do-nothing", r["stack"]["do_nothing"]),
                                    ("GET /health", r["stack"]["health"])) if p["rps"]) + ".", ""]

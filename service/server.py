@@ -55,6 +55,7 @@ from service.inference.dataplane import DataPlane
 from service.inference.decode import DecodeLimits
 from service.inference.dispatch import Dispatcher
 from service.inference.engine import check_servable
+from service.inference.request_queue import start_queue
 from service.inference.worker import ClassifierAPI, WorkerConfig
 from service.observability.metrics import Metrics, StateCollector, exposition
 from service.protocols.admin import token_id
@@ -122,15 +123,16 @@ def _serve(settings: Settings, runtime: Path) -> int:
                             memory_budget_bytes=settings.memory_budget_bytes)
     state, rollout_stamp = bootstrap(settings, controller, shared, store, rollout)
     answers = AnswerListener(f"headswap-answers-{os.getpid()}-{secrets.token_hex(4)}")  # this server's own sockets
+    queue_process, requests = start_queue()  # a fork: before the threads below start
     server = _lit_server(settings, runtime, ledger, workers, cores if cpu and workers > 1 else 0, max(1, cores // workers),
-                         answers.name)
+                         answers.name, requests)
     _within_lifespan(server.app, functools.partial(answers.serve_app, server))  # first: up before a gRPC call comes
     if len(server.devices) * workers != expected:  # the ledger, the controller and readiness count every worker
         raise RuntimeError(f"LitServe runs {workers} worker(s) on each of {server.devices}, not {expected} in all")
     grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
     api_servers = settings.api_servers or expected
     readiness = Readiness(server, expected, shared, grpc_started, api_servers=api_servers)
-    dispatcher = Dispatcher(server, "/predict", DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
+    dispatcher = Dispatcher(server, requests, DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                             settings.timeout_s, settings.decode_threads,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
     guard = CanaryGuard(GuardPolicy(settings.guard_window, settings.guard_max_error_rate, settings.guard_min_agreement))
@@ -159,6 +161,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
         stop.set()
         for sidecar in sidecars:
             sidecar.stop()
+        queue_process.shutdown()
     log.info("headswap stopped")
     return 0
 
@@ -184,9 +187,10 @@ def _install_routes(app: FastAPI, settings: Settings, plane: DataPlane, metrics:
 
 
 def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers: int, solo_threads: int,
-                threads: int, answers: str) -> ls.LitServer:
+                threads: int, answers: str, requests: Any) -> ls.LitServer:
     """LitServe with our worker loop: ``workers`` per device, each with ``threads`` intra-op threads
-    (``solo_threads`` for a batch that runs alone), answering through the ``answers`` sockets."""
+    (``solo_threads`` for a batch that runs alone), taking from the ``requests`` queue and answering
+    through the ``answers`` sockets."""
     config = WorkerConfig(
         state_dir=str(runtime.resolve()), device=settings.device, precision=settings.precision, threads=threads,
         max_batch_size=settings.max_batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000,
@@ -196,13 +200,26 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
         nice=settings.worker_nice, answers=answers,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
-    server = ls.LitServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
+    server = _QueueServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
                           timeout=False, restart_workers=True)
+    server.requests = requests
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
     # OpenMP's own wait policy is kept on purpose (no GOMP_SPINCOUNT / OMP_WAIT_POLICY): a shorter
     # spin makes a lone 2-thread batch up to 3x slower on VMs where waking a sleeping thread is slow,
     # and a worker under load runs one thread, which never spins.
     return server
+
+
+class _QueueServer(ls.LitServer):
+    """LitServer whose workers take from our request queue (``service.inference.request_queue``)
+    instead of the one its manager makes."""
+
+    requests: Any = None
+
+    def _init_manager(self, num_api_servers: int) -> Any:
+        manager = super()._init_manager(num_api_servers)
+        self.litapi_request_queues = dict.fromkeys(self.litapi_request_queues, self.requests)
+        return manager
 
 
 class Readiness:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from queue import Empty
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,25 +36,22 @@ from tests.test_admission import queue_up
 
 
 class ScriptedQueue:
-    """``ready`` items are queued now; ``late`` items arrive only to a blocking get (a wait)."""
+    """``ready`` items are queued now; ``late`` items arrive one at a time, each only to a take
+    that finds nothing queued and waits."""
 
     def __init__(self, ready: list[Any], late: list[Any] = ()) -> None:
         self.ready = list(ready)
         self.late = list(late)
-        self.waits: list[float] = []  # the timeout of every blocking get after the first
+        self.takes: list[int] = []  # how many items each take asked for
+        self.waits: list[float] = []  # the timeout of every take that waited
 
-    def get(self, timeout: float) -> Any:
-        if self.ready:  # the first get of a batch
-            return self.ready.pop(0)
-        self.waits.append(timeout)
-        if self.late:
-            return self.late.pop(0)
-        raise Empty
-
-    def get_nowait(self) -> Any:
+    def take(self, most: int, timeout: float) -> list[Any]:
+        self.takes.append(most)
         if self.ready:
-            return self.ready.pop(0)
-        raise Empty
+            taken, self.ready = self.ready[:most], self.ready[most:]
+            return taken
+        self.waits.append(timeout)
+        return [self.late.pop(0)] if self.late else []
 
 
 def entry(uid: str, arriving: int | None) -> tuple:
@@ -89,14 +85,14 @@ def test_a_lone_request_runs_without_waiting_for_the_batch_timeout() -> None:
     queue = ScriptedQueue([entry("a", 0)], late=[entry("never", 0)])
     batch, late = InferenceLoop().get_batch_requests(api(), queue, None)
     assert uids(batch) == ["a"] and late == []
-    assert queue.waits == []  # no blocking get: the late item was not waited for
+    assert queue.waits == []  # no take that waited: the late item was not waited for
 
 
 def test_queued_requests_are_drained_and_the_newest_hint_decides() -> None:
     queue = ScriptedQueue([entry("a", 2), entry("b", 1), entry("c", 0)], late=[entry("never", 0)])
     batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
     assert uids(batch) == ["a", "b", "c"]
-    assert queue.waits == []
+    assert queue.takes == [8] and queue.waits == []  # everything queued, in one call
 
 
 def test_the_worker_waits_while_images_are_on_their_way() -> None:
@@ -104,6 +100,7 @@ def test_the_worker_waits_while_images_are_on_their_way() -> None:
     batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
     assert uids(batch) == ["a", "b", "c"]  # stopped once the newest said nothing more is coming
     assert len(queue.waits) == 2 and all(0 < t <= 5.0 for t in queue.waits)
+    assert queue.takes == [8, 7, 6]  # never more than the batch still has room for
 
 
 def test_without_a_hint_the_worker_waits_as_before() -> None:
@@ -133,7 +130,7 @@ def test_items_past_their_deadline_or_the_queue_wait_are_refused_without_running
 def test_a_full_batch_does_not_wait() -> None:
     queue = ScriptedQueue([entry(str(i), 5) for i in range(4)], late=[entry("never", 0)])
     batch, _ = InferenceLoop().get_batch_requests(api(max_batch_size=4), queue, None)
-    assert uids(batch) == ["0", "1", "2", "3"] and queue.waits == []
+    assert uids(batch) == ["0", "1", "2", "3"] and queue.waits == [] and queue.takes == [4]
 
 
 def test_a_worker_above_an_idle_one_leaves_its_work_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,21 +151,16 @@ def test_a_worker_above_an_idle_one_leaves_its_work_to_it(monkeypatch: pytest.Mo
 
 
 class Timeline:
-    """A queue whose every get is the script's next step: an entry, or None (nothing came: Empty)."""
+    """A queue whose every take is the script's next step: an entry, or None (nothing came)."""
 
     def __init__(self, script: list[Any]) -> None:
         self.script = list(script)
 
-    def get(self, timeout: float) -> Any:
+    def take(self, most: int, timeout: float) -> list[Any]:
         if not self.script:
             raise _Done
         step = self.script.pop(0)
-        if step is None:
-            raise Empty
-        return step
-
-    def get_nowait(self) -> Any:
-        raise Empty
+        return [] if step is None else [step]
 
 
 class _Done(Exception):
@@ -229,13 +221,31 @@ def test_an_idle_worker_gives_its_free_heap_back_once_per_idle_spell(after_s: fl
 
 
 class CapturingServer:
+    """What the dispatcher uses of LitServer, and a request queue that keeps the payloads put on it."""
+
     def __init__(self) -> None:
         self.response_buffer: dict[str, Any] = {}
-        self.puts: list[dict[str, Any]] = []
         self.app = SimpleNamespace(response_queue_id=0)  # set per API-server process by LitServe
+        self.queue = CapturingQueue()
 
-    def _get_request_queue(self, api_path: str) -> Any:
-        return SimpleNamespace(put=lambda item: self.puts.append(item[3]))
+
+class CapturingQueue:
+    def __init__(self) -> None:
+        self.payloads: list[dict[str, Any]] = []
+        self.calls: list[int] = []  # items per put_many
+        self.arrived = threading.Condition()
+
+    def put_many(self, items: list[tuple]) -> None:
+        with self.arrived:
+            self.payloads.extend(item[3] for item in items)
+            self.calls.append(len(items))
+            self.arrived.notify_all()
+
+    def wait(self, count: int) -> list[dict[str, Any]]:
+        """The payloads, once ``count`` of them came from the dispatcher's feeder thread."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.payloads) >= count, timeout=10)
+            return self.payloads
 
 
 def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +257,7 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
 
     monkeypatch.setattr(dispatch, "_prepare", slow_decode)
     server = CapturingServer()
-    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=2,
+    dispatcher = dispatch.Dispatcher(server, server.queue, DecodeLimits(1000, 1000), timeout_s=0.05, threads=2,
                                      admission=Admission(QueueLedger(1), None, floor=1))
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)
 
@@ -264,7 +274,7 @@ def test_dispatcher_hints_images_in_decode_and_later_items_of_the_request(monkey
             await dispatcher.infer(image, model="m", slot="stable", top_k=1, deadline=dispatcher.deadline(0.01))
 
     asyncio.run(scenario())
-    assert [p["arriving"] for p in server.puts] == [2 + 3, 2, 0]
+    assert [p["arriving"] for p in server.queue.wait(3)] == [2 + 3, 2, 0]
 
 
 def test_a_lone_small_image_in_an_idle_process_is_decoded_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,7 +291,7 @@ def test_a_lone_small_image_in_an_idle_process_is_decoded_on_the_event_loop(monk
 
     monkeypatch.setattr(dispatch, "_finish", recording)
     server = CapturingServer()
-    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(10_000_000, 4_000_000), timeout_s=1, threads=1,
+    dispatcher = dispatch.Dispatcher(server, server.queue, DecodeLimits(10_000_000, 4_000_000), timeout_s=1, threads=1,
                                      admission=Admission(QueueLedger(1), None, floor=1))
     meta = CheckpointMeta.for_arch("resnet18", ["a", "b"])
     small, large = jpeg(1), jpeg(2, size=(1200, 1000))
@@ -307,7 +317,7 @@ def test_a_lone_small_image_in_an_idle_process_is_decoded_on_the_event_loop(monk
 
 def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_travels_with_the_item() -> None:
     server = CapturingServer()
-    dispatcher = dispatch.Dispatcher(server, "/predict", DecodeLimits(1000, 1000), timeout_s=0.05, threads=1,
+    dispatcher = dispatch.Dispatcher(server, server.queue, DecodeLimits(1000, 1000), timeout_s=0.05, threads=1,
                                      admission=Admission(QueueLedger(1), None, floor=1))
     before = time.monotonic()
     default, shorter, longer = dispatcher.deadline(), dispatcher.deadline(0.01), dispatcher.deadline(60)
@@ -322,7 +332,7 @@ def test_the_deadline_is_the_server_timeout_or_the_request_s_shorter_one_and_tra
                                    deadline=shorter)
 
     asyncio.run(scenario())
-    assert server.puts[0]["deadline"] == shorter
+    assert server.queue.wait(1)[0]["deadline"] == shorter
 
 
 @pytest.mark.parametrize(("kind", "status"), [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import torch
 from PIL import Image
 
 from models import eval_transform, load_classifier
+from service.inference.request_queue import PROCESS_NAME
 from tests.images import encode, jpeg, photo
-from tests.server import Server, run_server, sigterm_under_load, wait_gone
+from tests.server import Server, proc_comm, run_server, session_pids, sigterm_under_load, wait_gone
 
 
 def offline_probs(checkpoint: Path, data: bytes) -> np.ndarray:
@@ -163,8 +166,26 @@ def test_health_and_ready(server: Server) -> None:
 
 def test_sigterm_under_load_finishes_in_flight_and_leaves_no_process(resnet18_ckpt: Path, tmp_path: Path) -> None:
     with run_server(resnet18_ckpt, tmp_path, "--workers-per-device", "2") as srv:
+        assert len(queue_processes(srv.proc.pid)) == 1  # the request queue's, named for ps and top
         data = jpeg(12)
         code, results = sigterm_under_load(srv, ["/predict"] * 4, lambda i: data)
         assert code == 0, srv.output()[-3000:]
         assert results and set(results) == {200}
         assert wait_gone(srv.proc.pid) == []
+
+
+def test_the_request_queue_process_ends_with_a_killed_main_process(resnet18_ckpt: Path, tmp_path: Path) -> None:
+    """The main process killed outright (no shutdown of its own): the kernel ends the queue process
+    with it, rather than leave it holding memory forever."""
+    with run_server(resnet18_ckpt, tmp_path) as srv:
+        [queue] = queue_processes(srv.proc.pid)
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(30)
+        deadline = time.monotonic() + 10
+        while queue in queue_processes(srv.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queue not in queue_processes(srv.proc.pid)
+
+
+def queue_processes(sid: int) -> list[int]:
+    return [pid for pid in session_pids(sid) if proc_comm(pid) == PROCESS_NAME]

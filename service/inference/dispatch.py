@@ -7,8 +7,9 @@ idle is decoded on the event loop itself, sparing a lone client the hand-off. Wi
 ``decode_on_worker`` (``--decode-on worker``), JPEGs the worker's device can decode travel as
 bytes once their header passed the limits here, and the worker decodes them in batches
 (nvJPEG on a GPU). Items reach the
-workers through LitServe's request queue; their answers come back into its response buffer
-(over this process's answer socket, ``service.inference.answers``); each
+workers through the request queue (``service.inference.request_queue``), put by a thread of
+this process so that the event loop never waits for it; their answers come back into
+LitServe's response buffer (over this process's answer socket, ``service.inference.answers``); each
 one is awaited until its deadline (``timeout_s``, or sooner where the request asks), which
 also travels with the item: a worker refuses an item whose deadline passed before it took it.
 A request's images are admitted before they are decoded (``service.inference.admission``): over the
@@ -33,13 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 from litserve.server import ResponseBufferItem
+from litserve.utils import LitAPIStatus
 from PIL import Image
 
 from models import CheckpointMeta
 from models.transforms import resize_crop
 from service.errors import GatewayTimeout, NotReady, Overloaded, by_name
 from service.inference.admission import Admission, Ticket
+from service.inference.answers import to_buffer
 from service.inference.decode import DecodeLimits, check_image, decode_checked, device_decodable
+from service.inference.request_queue import Feeder, Item
 
 INLINE_MAX_PIXELS = 1_000_000  # an idle process decodes an image up to this size on its event loop (a few ms)
 
@@ -67,12 +71,15 @@ class Result:
 
 
 class Dispatcher:
-    def __init__(self, server: Any, api_path: str, limits: DecodeLimits, timeout_s: float, threads: int, *,
+    def __init__(self, server: Any, requests: Any, limits: DecodeLimits, timeout_s: float, threads: int, *,
                  admission: Admission, decode_on_worker: bool = False) -> None:
+        """``server``: the LitServer (its response buffer and this process's answer channel);
+        ``requests``: the request queue (``service.inference.request_queue``)."""
         self.server = server
         self.admission = admission
         self.decode_on_worker = decode_on_worker
-        self.api_path = api_path
+        self.feeder = Feeder(requests, self._unqueued)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.limits = limits
         self.timeout_s = timeout_s
         self.threads = threads
@@ -136,9 +143,9 @@ class Dispatcher:
         self.server.response_buffer[uid] = ResponseBufferItem(event=event)
         arrived = time.monotonic()
         budget = max(0.0, deadline - arrived)
+        self._loop = asyncio.get_running_loop()
         try:
-            queue = self.server._get_request_queue(self.api_path)
-            queue.put((self.server.app.response_queue_id, uid, arrived, payload))  # this API server's own response queue
+            self.feeder.put((self.server.app.response_queue_id, uid, arrived, payload))  # this API server's answer channel
             if ticket is not None:
                 ticket.handed()
             await asyncio.wait_for(event.wait(), budget)
@@ -149,6 +156,20 @@ class Dispatcher:
         finally:
             self.server.response_buffer.pop(uid, None)
         return _result(data, arrived, self.admission)
+
+
+    def _unqueued(self, items: list[Item]) -> None:
+        """From the feeder's thread: ``items`` never reached the queue (its process is gone: the
+        server is stopping). Their requests are answered 503 now rather than at their deadline."""
+        if self._loop is None:
+            return
+        deliver = to_buffer(self.server.response_buffer, LitAPIStatus.OK)
+        refusal = {"error": "the server is stopping; retry", "type": NotReady.__name__, "reason": "stopping"}
+        for _, uid, _, _ in items:
+            try:
+                self._loop.call_soon_threadsafe(deliver, uid, refusal)
+            except RuntimeError:  # the loop is closed: nobody awaits them any more
+                return
 
 
 def _prepare(data: bytes, limits: DecodeLimits, meta: CheckpointMeta, on_worker: bool) -> torch.Tensor | bytes:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import litserve as ls
@@ -316,33 +315,27 @@ class InferenceLoop(BatchedLoop):
     heap: HeapTrim | None = None  # set in the worker (run_batched_loop)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
-        """Block briefly for a first request, drain the queue, then wait up to batch_timeout while
-        more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch).
+        """Block briefly for a first request and take what is queued with it, then wait up to batch_timeout
+        while more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch),
+        up to a full batch, from ``request_queue`` (a ``service.inference.request_queue.RequestQueue``).
         Of the idle workers, the lowest-indexed takes the next item (``LowestIdleFirst``)."""
         ledger, index, wait_s = lit_api.ledger, lit_api.index, IDLE_POLL_S
         if ledger is not None and index > 0:
             if not LowestIdleFirst(ledger, index, lit_api.max_batch_size).turn(IDLE_POLL_S):
                 return [], []
             wait_s = TURN_GET_S
-        try:
-            first = request_queue.get(timeout=wait_s)
-        except Empty:
+        entries = request_queue.take(lit_api.max_batch_size, wait_s)  # what is queued, in one call
+        if not entries:
             return [], []
         if ledger is not None:
             ledger.set_idle(index, False)
-        entries = [first]
         deadline = time.monotonic() + lit_api.batch_timeout
-        while len(entries) < lit_api.max_batch_size:
-            try:
-                entries.append(request_queue.get_nowait())
-            except Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not _more_coming(entries[-1]):
-                    break
-                try:
-                    entries.append(request_queue.get(timeout=remaining))
-                except Empty:
-                    break
+        while len(entries) < lit_api.max_batch_size and _more_coming(entries[-1]):
+            remaining = deadline - time.monotonic()
+            more = request_queue.take(lit_api.max_batch_size - len(entries), remaining) if remaining > 0 else []
+            if not more:
+                break
+            entries += more
         taken = [e for e in entries if e != _SENTINEL_VALUE]
         now, ready, refused = time.monotonic(), [], []
         for response_queue_id, uid, arrived, payload in taken:
