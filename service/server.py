@@ -200,8 +200,8 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
         nice=settings.worker_nice, answers=answers,
     )
     accelerator = {"cpu": "cpu", "cuda": "cuda"}.get(settings.device, "auto")
-    server = _QueueServer(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
-                          timeout=False, restart_workers=True)
+    server = _LitServerOnOurQueue(ClassifierAPI(config, ledger), accelerator=accelerator, workers_per_device=workers,
+                                  timeout=False, restart_workers=True)
     server.requests = requests
     server.uvicorn_graceful_timeout = settings.drain_timeout_s
     # OpenMP's own wait policy is kept on purpose (no GOMP_SPINCOUNT / OMP_WAIT_POLICY): a shorter
@@ -210,9 +210,9 @@ def _lit_server(settings: Settings, runtime: Path, ledger: QueueLedger, workers:
     return server
 
 
-class _QueueServer(ls.LitServer):
-    """LitServer whose workers take from our request queue (``service.inference.request_queue``)
-    instead of the one its manager makes."""
+class _LitServerOnOurQueue(ls.LitServer):
+    """LitServer whose workers (those it starts, and those it restarts) take from our request queue
+    (``service.inference.request_queue``, set as ``requests``) instead of the one its manager makes."""
 
     requests: Any = None
 
