@@ -157,7 +157,6 @@ class Dispatcher:
             self.server.response_buffer.pop(uid, None)
         return _result(data, arrived, self.admission)
 
-
     def _unqueued(self, items: list[Item]) -> None:
         """From the feeder's thread: ``items`` never reached the queue (its process is gone: the
         server is stopping). Their requests are answered 503 now rather than at their deadline."""
