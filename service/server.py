@@ -131,7 +131,7 @@ def _serve(settings: Settings, runtime: Path) -> int:
         raise RuntimeError(f"LitServe runs {workers} worker(s) on each of {server.devices}, not {expected} in all")
     grpc_started = mp.get_context("fork").Value("i", 0) if settings.grpc_port else None  # shared with the API servers
     api_servers = settings.api_servers or expected
-    readiness = Readiness(server, expected, shared, grpc_started, api_servers=api_servers)
+    readiness = Readiness(server, expected, shared, grpc_started, api_servers=api_servers, queue_pid=requests.pid())
     dispatcher = Dispatcher(server, requests, DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                             settings.timeout_s, settings.decode_threads,
                             decode_on_worker=settings.decode_on == "worker", admission=admission)
@@ -224,15 +224,16 @@ class _LitServerOnOurQueue(ls.LitServer):
 
 class Readiness:
     """Readiness: every listener the settings ask for answers (the main process says so once it has
-    checked, in shared memory), LitServe's setup status, and every worker that acknowledged the shared
-    state still alive (a killed worker stays READY in LitServe's eyes until its monitor notices).
-    Works in the forked API servers too."""
+    checked, in shared memory), LitServe's setup status, every worker that acknowledged the shared
+    state still alive (a killed worker stays READY in LitServe's eyes until its monitor notices),
+    and the request queue's process alive. Works in the forked API servers too."""
 
     SERVING_TTL_S = 0.25  # how long a "yes, serving" answer is reused on the request path
 
     def __init__(self, server: ls.LitServer, expected: int, shared: SharedState, grpc_started: Any = None, *,
-                 api_servers: int) -> None:
+                 api_servers: int, queue_pid: int) -> None:
         self.server = server
+        self.queue_pid = queue_pid
         self.expected = expected  # inference workers
         self.api_servers = api_servers
         self.shared = shared
@@ -262,7 +263,7 @@ class Readiness:
         return self.grpc_started is None or self.grpc_started.value >= self.api_servers
 
     def ready(self) -> bool:
-        return bool(self._listening.value) and self.workers_ready() and self.grpc_up()
+        return bool(self._listening.value) and self.workers_ready() and self.grpc_up() and _pid_alive(self.queue_pid)
 
     def serving(self) -> bool:
         """Some worker can answer. Asked by every inference request, so a yes (one manager round trip

@@ -159,11 +159,13 @@ class Dispatcher:
 
     def _unqueued(self, items: list[Item]) -> None:
         """From the feeder's thread: ``items`` never reached the queue (its process is gone: the
-        server is stopping). Their requests are answered 503 now rather than at their deadline."""
+        server is stopping, or it was killed). Their requests are answered 503 now rather than at
+        their deadline."""
         if self._loop is None:
             return
         deliver = to_buffer(self.server.response_buffer, LitAPIStatus.OK)
-        refusal = {"error": "the server is stopping; retry", "type": NotReady.__name__, "reason": "stopping"}
+        refusal = {"error": "the request queue is gone (the server is stopping); retry", "type": NotReady.__name__,
+                   "reason": "stopping"}
         for _, uid, _, _ in items:
             try:
                 self._loop.call_soon_threadsafe(deliver, uid, refusal)

@@ -58,17 +58,21 @@ class RequestQueue:
     def qsize(self) -> int:
         return len(self._items)
 
+    def pid(self) -> int:
+        """The queue process's pid."""
+        return os.getpid()
+
 
 class RequestQueueServer(BaseManager):
     """The process holding one server's request queue (started before the API servers fork;
     its proxies travel to spawned workers pickled, with the authentication key)."""
 
 
-RequestQueueServer.register("RequestQueue", RequestQueue, exposed=("put_many", "take", "qsize"))
+RequestQueueServer.register("RequestQueue", RequestQueue, exposed=("put_many", "take", "qsize", "pid"))
 
 
 def start_queue() -> tuple[RequestQueueServer, Any]:
-    """A started queue process and a proxy to its queue (``put_many``, ``take``, ``qsize``). Call it
+    """A started queue process and a proxy to its queue (``put_many``, ``take``, ``qsize``, ``pid``). Call it
     from the thread that lives as long as the server: the queue process ends with that thread."""
     server = RequestQueueServer(ctx=mp.get_context("fork"))  # a fork starts at once; it imports nothing
     server.start(initializer=_queue_process)
