@@ -62,6 +62,7 @@ from service.protocols.admin import token_id
 from service.settings import Settings, server_version
 
 log = logging.getLogger("headswap")
+QUEUE_WATCH_S = 1.0  # how often the main process checks that the request queue's process lives
 
 
 class _ShutdownSignals:
@@ -147,9 +148,12 @@ def _serve(settings: Settings, runtime: Path) -> int:
         _within_lifespan(server.app, lambda app: listener.serve())
     _within_lifespan(server.app, _frozen)  # last: once each API server's listeners and app are built
     sidecars = _sidecars(settings, controller, shared, repository, metrics_route, server.app)
-    _ShutdownSignals().install()
-    stop = threading.Event()
-    threads = [threading.Thread(target=watch_rollout, args=(rollout, controller, stop, rollout_stamp), daemon=True)] if rollout else []
+    signals = _ShutdownSignals()
+    signals.install()
+    stop, queue_lost = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=_watch_queue, args=(readiness.queue_pid, signals, stop, queue_lost), daemon=True)]
+    if rollout:
+        threads.append(threading.Thread(target=watch_rollout, args=(rollout, controller, stop, rollout_stamp), daemon=True))
     served = ", ".join(f"{name} (version {model.stable.version})" for name, model in state.models.items())
     threading.Thread(target=_after_start, args=(settings, served, readiness, sidecars, threads), daemon=True).start()
     freeze_survivors()  # last before the API servers fork: they inherit it (service.control.memory)
@@ -163,7 +167,18 @@ def _serve(settings: Settings, runtime: Path) -> int:
             sidecar.stop()
         queue_process.shutdown()
     log.info("headswap stopped")
-    return 0
+    return 1 if queue_lost.is_set() else 0
+
+
+def _watch_queue(pid: int, signals: _ShutdownSignals, stop: threading.Event, lost: threading.Event) -> None:
+    """The request queue's process (``pid``) gone while serving: no request can reach a worker any
+    more, so the server stops, exit code 1, for its supervisor to start it afresh."""
+    while not stop.wait(QUEUE_WATCH_S):
+        if not _pid_alive(pid) and not signals.received:
+            log.error("the request queue's process (pid %d) is gone: stopping, so that the server can be restarted", pid)
+            lost.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _check_ports(settings: Settings) -> None:

@@ -80,11 +80,14 @@ def start_queue() -> tuple[RequestQueueServer, Any]:
 
 
 def _queue_process() -> None:
-    """In the queue process: named ``headswap-queue`` (ps, top), and ended by the kernel if the
-    server's main process dies without shutting it down (Linux: PR_SET_PDEATHSIG)."""
+    """In the queue process: named ``headswap-queue`` (ps, top); deaf to SIGTERM, so that a signal
+    sent to the whole process group leaves it to carry the requests the API servers are draining
+    (the main process shuts it down last); and ended by the kernel if the main process dies
+    without doing so (Linux: PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         Path("/proc/self/comm").write_text(PROCESS_NAME)
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the name and the guard are niceties
         pass
 
