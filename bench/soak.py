@@ -201,7 +201,8 @@ def rss_bytes(pid: int) -> int:
 
 def roles(server: Server, port: int) -> dict[int, str]:
     """Every live process of the server's session by role: main, api (holds the listening socket),
-    worker (acknowledged the shared state) or other (LitServe's queue manager and the like)."""
+    worker (acknowledged the shared state) or other (the request queue's process, LitServe's manager
+    and the like)."""
     workers = {w["pid"] for w in admin(server, "GET", "models").json()["workers"].values()}
     listening = {f"socket:[{inode}]" for inode in listening_inodes(port)}
     found = {}

@@ -1,8 +1,9 @@
 """``headswap serve``: assemble settings, shared state, workers, routes and LitServe; run until a signal.
 
 SIGTERM (what Kubernetes sends) and SIGINT both start LitServe's graceful shutdown: API
-servers stop accepting and finish in-flight requests, then workers and the queue manager
-end, and the process exits 0. LitServe 0.2.19 has no SIGTERM handler of its own.
+servers stop accepting and finish in-flight requests, then workers, LitServe's manager and the
+request queue's process end, and the process exits 0 (1 when it stopped because the request
+queue's process was lost). LitServe 0.2.19 has no SIGTERM handler of its own.
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ class ScriptedQueue:
         if self.ready:
             taken, self.ready = self.ready[:most], self.ready[most:]
             return taken
+        if timeout <= 0:
+            return []
         self.waits.append(timeout)
         return [self.late.pop(0)] if self.late else []
 
@@ -92,7 +94,24 @@ def test_queued_requests_are_drained_and_the_newest_hint_decides() -> None:
     queue = ScriptedQueue([entry("a", 2), entry("b", 1), entry("c", 0)], late=[entry("never", 0)])
     batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
     assert uids(batch) == ["a", "b", "c"]
-    assert queue.takes == [8] and queue.waits == []  # everything queued, in one call
+    assert queue.takes == [8, 5] and queue.waits == []  # everything queued in one call, then what came meanwhile
+
+
+def test_what_was_queued_while_the_first_take_was_answered_joins_the_batch() -> None:
+    """The worker was slow to run once its first item came (descheduled, or stopped): what other
+    requests queued meanwhile runs in the same batch, though the first item's hint said no more."""
+    queue = ScriptedQueue([entry("a", 0)])
+    take, meanwhile = queue.take, [entry("b", 0), entry("c", 0)]
+
+    def then_more_came(most: int, timeout: float) -> list[Any]:
+        taken = take(most, timeout)
+        queue.ready += meanwhile
+        meanwhile.clear()
+        return taken
+
+    queue.take = then_more_came  # type: ignore[method-assign]
+    batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
+    assert uids(batch) == ["a", "b", "c"] and queue.waits == []
 
 
 def test_the_worker_waits_while_images_are_on_their_way() -> None:
@@ -100,7 +119,7 @@ def test_the_worker_waits_while_images_are_on_their_way() -> None:
     batch, _ = InferenceLoop().get_batch_requests(api(), queue, None)
     assert uids(batch) == ["a", "b", "c"]  # stopped once the newest said nothing more is coming
     assert len(queue.waits) == 2 and all(0 < t <= 5.0 for t in queue.waits)
-    assert queue.takes == [8, 7, 6]  # never more than the batch still has room for
+    assert queue.takes == [8, 7, 7, 6]  # never more than the batch still has room for
 
 
 def test_without_a_hint_the_worker_waits_as_before() -> None:
@@ -151,12 +170,15 @@ def test_a_worker_above_an_idle_one_leaves_its_work_to_it(monkeypatch: pytest.Mo
 
 
 class Timeline:
-    """A queue whose every take is the script's next step: an entry, or None (nothing came)."""
+    """A queue whose every take that may wait is the script's next step: an entry, or None (nothing
+    came); one that may not finds nothing."""
 
     def __init__(self, script: list[Any]) -> None:
         self.script = list(script)
 
     def take(self, most: int, timeout: float) -> list[Any]:
+        if timeout <= 0:
+            return []
         if not self.script:
             raise _Done
         step = self.script.pop(0)

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from service.inference.request_queue import PROCESS_NAME
 from tests.images import jpeg
-from tests.server import HEADSWAP, Server, free_port, proc_stat, run_server, session_pids
+from tests.server import HEADSWAP, Server, free_port, proc_comm, proc_stat, run_server, session_pids
 from tests.test_hotswap import TOKEN, admin, metric_value
 
 IMAGE = jpeg(3)
@@ -187,7 +188,7 @@ def test_a_lone_clients_requests_all_go_to_one_worker(resnet18_ckpt: Path, tmp_p
 
 def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt: Path, tmp_path: Path) -> None:
     """--api-servers 2 beside one worker: two API-server processes (forks of the main process, after
-    LitServe's queue manager), ready over gRPC too, and each one alone answers /predict from the one
+    the request queue's process and LitServe's manager), ready over gRPC too, and each one alone answers /predict from the one
     worker: with the other stopped, the listening socket's connections all go to it."""
     import tritonclient.grpc as triton  # noqa: PLC0415 - the test extra
 
@@ -199,8 +200,9 @@ def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt:
         assert len(workers) == 1
         main = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
         forks = sorted((int(proc_stat(Path(f"/proc/{pid}"))[19]), pid) for pid in session_pids(srv.proc.pid)
-                       if pid != srv.proc.pid and Path(f"/proc/{pid}/cmdline").read_bytes() == main)
-        api = [pid for _, pid in forks[1:]]  # the first fork is the queue manager
+                       if pid != srv.proc.pid and Path(f"/proc/{pid}/cmdline").read_bytes() == main
+                       and proc_comm(pid) != PROCESS_NAME)  # not the request queue's
+        api = [pid for _, pid in forks[1:]]  # the first other fork is LitServe's manager
         assert len(api) == 2, forks
         for stopped in api:  # the other answers alone
             os.kill(stopped, signal.SIGSTOP)

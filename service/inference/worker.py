@@ -315,8 +315,8 @@ class InferenceLoop(BatchedLoop):
     heap: HeapTrim | None = None  # set in the worker (run_batched_loop)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
-        """Block briefly for a first request and take what is queued with it, then wait up to batch_timeout
-        while more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch),
+        """Block briefly for a first request and take what is queued with it, then what came meanwhile,
+        then wait up to batch_timeout while more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch),
         up to a full batch, from ``request_queue`` (a ``service.inference.request_queue.RequestQueue``).
         Of the idle workers, the lowest-indexed takes the next item (``LowestIdleFirst``)."""
         ledger, index, wait_s = lit_api.ledger, lit_api.index, IDLE_POLL_S
@@ -329,6 +329,8 @@ class InferenceLoop(BatchedLoop):
             return [], []
         if ledger is not None:
             ledger.set_idle(index, False)
+        if len(entries) < lit_api.max_batch_size:  # and what came while that answer reached this worker
+            entries += request_queue.take(lit_api.max_batch_size - len(entries), 0.0)
         deadline = time.monotonic() + lit_api.batch_timeout
         while len(entries) < lit_api.max_batch_size and _more_coming(entries[-1]):
             remaining = deadline - time.monotonic()
