@@ -315,10 +315,11 @@ class InferenceLoop(BatchedLoop):
     heap: HeapTrim | None = None  # set in the worker (run_batched_loop)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
-        """Block briefly for a first request and take what is queued with it, then what came meanwhile,
-        then wait up to batch_timeout while more images are on their way (the newest item's ``arriving`` hint, see service.inference.dispatch),
-        up to a full batch, from ``request_queue`` (a ``service.inference.request_queue.RequestQueue``).
-        Of the idle workers, the lowest-indexed takes the next item (``LowestIdleFirst``)."""
+        """From ``request_queue`` (a ``service.inference.request_queue.RequestQueue``), up to a full
+        batch: block briefly for a first request and take what is queued with it, then what came
+        meanwhile, then wait up to batch_timeout while more images are on their way (the newest
+        item's ``arriving`` hint, see service.inference.dispatch). Of the idle workers, the
+        lowest-indexed takes the next item (``LowestIdleFirst``)."""
         ledger, index, wait_s = lit_api.ledger, lit_api.index, IDLE_POLL_S
         if ledger is not None and index > 0:
             if not LowestIdleFirst(ledger, index, lit_api.max_batch_size).turn(IDLE_POLL_S):
