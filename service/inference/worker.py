@@ -21,7 +21,6 @@ from typing import Any
 import litserve as ls
 import numpy as np
 import torch
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
@@ -222,8 +221,6 @@ def failure(exc: RequestError) -> dict[str, Any]:
 
 def _more_coming(entry: Any) -> bool:
     """Whether the API server that queued ``entry`` had more images on their way (unknown: yes)."""
-    if entry == _SENTINEL_VALUE:
-        return False
     payload = entry[3]
     return not isinstance(payload, dict) or payload.get("arriving", 1) > 0
 
@@ -339,17 +336,14 @@ class InferenceLoop(BatchedLoop):
             if not more:
                 break
             entries += more
-        taken = [e for e in entries if e != _SENTINEL_VALUE]
         now, ready, refused = time.monotonic(), [], []
-        for response_queue_id, uid, arrived, payload in taken:
+        for response_queue_id, uid, arrived, payload in entries:
             refusal = _refusal(arrived, payload, now, lit_api.config)
             if refusal is None:
                 ready.append((response_queue_id, uid, payload))
             else:
                 refused.append((response_queue_id, uid, refusal))
-        lit_api.took(len(taken), [r["reason"] for _, _, r in refused])
-        if len(taken) < len(entries):
-            raise _StopLoopError()  # shutting down: what was taken is dropped, its clients are being drained
+        lit_api.took(len(entries), [r["reason"] for _, _, r in refused])
         return ready, refused
 
     def run_batched_loop(self, lit_api: ClassifierAPI, request_queue: Any, transport: Any,  # type: ignore[override]
@@ -358,10 +352,7 @@ class InferenceLoop(BatchedLoop):
         self.heap = self.heap or HeapTrim()
         while True:
             lit_api.between_batches()
-            try:
-                batch, refused = self.get_batch_requests(lit_api, request_queue, transport)
-            except _StopLoopError:
-                return
+            batch, refused = self.get_batch_requests(lit_api, request_queue, transport)
             if refused and not batch:
                 lit_api.end_batch()  # nothing to run: idle again before the refusals go out
             for response_queue_id, uid, refusal in refused:
