@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.inference.request_queue import PROCESS_NAME
+from bench.loadgen import process_cpu
 from tests.images import jpeg
-from tests.server import HEADSWAP, Server, free_port, proc_comm, proc_stat, run_server, session_pids
+from tests.server import HEADSWAP, Server, free_port, proc_stat, run_server, session_pids
 from tests.test_hotswap import TOKEN, admin, metric_value
 
 IMAGE = jpeg(3)
@@ -188,8 +188,9 @@ def test_a_lone_clients_requests_all_go_to_one_worker(resnet18_ckpt: Path, tmp_p
 
 def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt: Path, tmp_path: Path) -> None:
     """--api-servers 2 beside one worker: two API-server processes (forks of the main process, after
-    the request queue's process and LitServe's manager), ready over gRPC too, and each one alone answers /predict from the one
-    worker: with the other stopped, the listening socket's connections all go to it."""
+    the request queue's process and LitServe's manager), ready over gRPC too, and each one alone
+    answers /predict from the one worker: with the other stopped, the listening socket's connections
+    all go to it."""
     import tritonclient.grpc as triton  # noqa: PLC0415 - the test extra
 
     grpc_port = free_port()
@@ -198,12 +199,9 @@ def test_api_servers_apart_from_the_workers_each_serve_end_to_end(resnet18_ckpt:
         assert triton.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_ready()
         workers = [w["pid"] for w in admin(srv, "GET", "models").json()["workers"].values()]
         assert len(workers) == 1
-        main = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
-        forks = sorted((int(proc_stat(Path(f"/proc/{pid}"))[19]), pid) for pid in session_pids(srv.proc.pid)
-                       if pid != srv.proc.pid and Path(f"/proc/{pid}/cmdline").read_bytes() == main
-                       and proc_comm(pid) != PROCESS_NAME)  # not the request queue's
-        api = [pid for _, pid in forks[1:]]  # the first other fork is LitServe's manager
-        assert len(api) == 2, forks
+        roles = process_cpu(srv.proc.pid)  # the benchmark's reading of the session's processes
+        api = sorted(pid for pid, info in roles.items() if info["role"] == "api")
+        assert len(api) == 2, roles
         for stopped in api:  # the other answers alone
             os.kill(stopped, signal.SIGSTOP)
             try:
