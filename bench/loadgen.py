@@ -13,9 +13,10 @@ a warm-up, a measured window, a cap on the number of requests, a per-request tim
 target is always 127.0.0.1.
 
 It runs as its own process (``python -m bench.loadgen SPEC.json``, JSON result on stdout), so
-the CPU time it reports is its own, as SCHED_BATCH, so that its wakeups do not preempt the server. At the edges of the measured window it also samples the
-server's CPU time and resident memory (``/proc``, every process of the server's session) and,
-if asked, the server's ``/metrics``. ``summarize`` turns the raw records into the table's numbers.
+the CPU time it reports is its own, and as SCHED_BATCH, so that its wakeups do not preempt the
+server. At the edges of the measured window it also samples the server's CPU time and resident
+memory (``/proc``, every process of the server's session) and, if asked, the server's
+``/metrics``. ``summarize`` turns the raw records into the table's numbers.
 """
 
 from __future__ import annotations
