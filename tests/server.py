@@ -46,14 +46,6 @@ def proc_stat(path: Path) -> list[str]:
     return (path / "stat").read_text().rsplit(")", 1)[1].split()
 
 
-def proc_comm(pid: int) -> str:
-    """The process's name (``/proc/PID/comm``); "" once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def session_pids(sid: int) -> list[int]:
     """Live processes of the session ``sid`` (the server and everything it started)."""
     pids = []

@@ -17,10 +17,10 @@ import requests
 import torch
 from PIL import Image
 
+from bench.loadgen import process_cpu
 from models import eval_transform, load_classifier
-from service.inference.request_queue import PROCESS_NAME
 from tests.images import encode, jpeg, photo
-from tests.server import Server, proc_comm, run_server, session_pids, sigterm_under_load, wait_gone
+from tests.server import Server, run_server, sigterm_under_load, wait_gone
 
 
 def offline_probs(checkpoint: Path, data: bytes) -> np.ndarray:
@@ -202,4 +202,4 @@ def test_a_killed_request_queue_stops_the_server_with_exit_code_1(resnet18_ckpt:
 
 
 def queue_processes(sid: int) -> list[int]:
-    return [pid for pid in session_pids(sid) if proc_comm(pid) == PROCESS_NAME]
+    return [pid for pid, info in process_cpu(sid).items() if info["role"] == "queue"]  # named headswap-queue
